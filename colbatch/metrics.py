@@ -1,0 +1,126 @@
+"""Per-stage counters and timers, a byte-bounded queue, and a process memory sampler."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psutil
+
+# Sampling every 100 ms costs well under 1% CPU and catches RSS peaks of batch-sized allocations.
+DEFAULT_SAMPLE_INTERVAL_S = 0.1
+
+
+@dataclass
+class StageMetrics:
+    """Rows and time of one stage; `rows_in = rows_out + rows_filtered + rows_rejected` must hold."""
+
+    name: str
+    rows_in: int = 0
+    rows_out: int = 0
+    rows_filtered: int = 0
+    rows_rejected: int = 0
+    bytes_in: int = 0
+    busy_s: float = 0.0
+    wait_s: float = 0.0
+    blocked_s: float = 0.0
+
+    def balanced(self) -> bool:
+        """True when the accounting invariant holds for this stage."""
+        return self.rows_in == self.rows_out + self.rows_filtered + self.rows_rejected
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields, times rounded to microseconds."""
+        d = asdict(self)
+        for key in ("busy_s", "wait_s", "blocked_s"):
+            d[key] = round(d[key], 6)
+        return d
+
+
+class ByteQueue:
+    """FIFO bounded by item count and total bytes; one oversize item is always admitted."""
+
+    def __init__(self, max_items: int, max_bytes: int) -> None:
+        self._items: collections.deque = collections.deque()
+        self._bytes = 0
+        self._max_items = max_items
+        self._max_bytes = max_bytes
+        self._cond = threading.Condition()
+        self.max_depth = 0
+
+    def put(self, item: Any, size: int, stop: threading.Event) -> bool:
+        """Enqueue; blocks while full. Returns False when `stop` was set while waiting."""
+        with self._cond:
+            while self._items and (len(self._items) >= self._max_items or self._bytes + size > self._max_bytes):
+                if stop.is_set():
+                    return False
+                self._cond.wait(0.1)
+            self._items.append((item, size))
+            self._bytes += size
+            self.max_depth = max(self.max_depth, len(self._items))
+            self._cond.notify_all()
+            return True
+
+    def get(self, stop: threading.Event) -> Any:
+        """Dequeue; blocks while empty. Returns None when `stop` was set while waiting."""
+        with self._cond:
+            while not self._items:
+                if stop.is_set():
+                    return None
+                self._cond.wait(0.1)
+            item, size = self._items.popleft()
+            self._bytes -= size
+            self._cond.notify_all()
+            return item
+
+
+@dataclass
+class MemorySampler:
+    """Samples this process's RSS (plus children) in a background thread."""
+
+    interval_s: float = DEFAULT_SAMPLE_INTERVAL_S
+    peak_rss: int = 0
+    samples: list[tuple[float, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._proc = psutil.Process()
+        self._t0 = time.perf_counter()
+        self._thread = threading.Thread(target=self._loop, name="colbatch-rss", daemon=True)
+
+    def rss(self) -> int:
+        """Current RSS of this process and its children, in bytes."""
+        total = self._proc.memory_info().rss
+        for child in self._proc.children(recursive=True):
+            try:
+                total += child.memory_info().rss
+            except psutil.Error:
+                continue
+        return total
+
+    def sample(self) -> int:
+        """Take one sample now."""
+        value = self.rss()
+        self.peak_rss = max(self.peak_rss, value)
+        if len(self.samples) < 10_000:
+            self.samples.append((round(time.perf_counter() - self._t0, 3), value))
+        return value
+
+    def start(self) -> MemorySampler:
+        """Start sampling."""
+        self.sample()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop sampling (takes a last sample)."""
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()

@@ -1,0 +1,290 @@
+"""The runner: read | transform | write overlap on bounded queues, with accounting and thresholds."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import polars as pl
+
+from colbatch.batch import Batch
+from colbatch.errors import ColbatchError, ErrorThresholdExceeded
+from colbatch.metrics import ByteQueue, MemorySampler, StageMetrics
+from colbatch.rejects import RejectCollector, reject_frame
+from colbatch.report import Report, bottleneck
+from colbatch.sinks.base import Sink
+from colbatch.sources.base import Source
+from colbatch.steps import ROW_COL, Step
+
+log = logging.getLogger("colbatch")
+
+# ~100k rows is on the flat part of the throughput curve for typical 5–20 column
+# data (≈8 MB of CSV) while keeping a batch far below memory limits.
+DEFAULT_BATCH_ROWS = 100_000
+# Two batches in flight per queue: enough to overlap stages, little memory.
+DEFAULT_QUEUE_ITEMS = 2
+# Cap on bytes waiting between two stages; bounds memory whatever the batch size.
+DEFAULT_QUEUE_BYTES = 256 << 20
+# A job that rejects over 10% of its rows is nearly always misconfigured (wrong
+# separator or schema), not merely dirty; stop it rather than write a broken output.
+DEFAULT_MAX_ERROR_RATE = 0.1
+# During a run the error rate is judged only after this many rows, so one early bad
+# row cannot abort it; at the end it is judged on all rows.
+DEFAULT_RATE_MIN_ROWS = 100
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a pipeline runs (the `[run]` table of a job file)."""
+
+    batch_size: int | Literal["auto"] = "auto"
+    max_error_rate: float | None = DEFAULT_MAX_ERROR_RATE
+    max_errors: int | None = None
+    memory_limit: int | None = None
+    progress: bool | None = None
+    queue_items: int = DEFAULT_QUEUE_ITEMS
+    queue_bytes: int = DEFAULT_QUEUE_BYTES
+
+    def batch_rows(self) -> int:
+        """Rows per batch for the reader."""
+        return DEFAULT_BATCH_ROWS if self.batch_size == "auto" else int(self.batch_size)
+
+
+class _Stop(Exception):
+    """Internal: another thread failed; unwind quietly."""
+
+
+class Runner:
+    """Runs one source through steps into one sink, rejects to a collector; produces a Report."""
+
+    def __init__(self, source: Source, steps: Sequence[Step], sink: Sink, rejects: RejectCollector,
+                 options: RunOptions) -> None:
+        self.source = source
+        self.steps = list(steps)
+        self.sink = sink
+        self.rejects = rejects
+        self.options = options
+        self.read_stage = StageMetrics("read")
+        self.step_stages = [StageMetrics(f"{s.kind}:{s.name}" if s.name != s.kind else s.kind) for s in self.steps]
+        self.write_stage = StageMetrics("write")
+        self._stop = threading.Event()
+        self._errors: list[BaseException] = []
+        self._needs_rows = any(s.needs_rows for s in self.steps)
+        self._batches = 0
+        self._lock = threading.Lock()
+
+    # -- threads ----------------------------------------------------------------------------
+
+    def _on_reject(self, frame: pl.DataFrame) -> None:
+        self.rejects.add(frame)
+
+    def _read(self, out: ByteQueue) -> None:
+        stage = self.read_stage
+        rows = self.options.batch_rows()
+        try:
+            for split in self.source.splits():
+                it = self.source.read(split, batch_rows=rows, on_reject=self._on_reject)
+                while True:
+                    t0 = time.perf_counter()
+                    batch = next(it, None)
+                    stage.busy_s += time.perf_counter() - t0
+                    if batch is None:
+                        break
+                    with self._lock:
+                        stage.rows_in += batch.rows_read
+                        stage.rows_out += batch.num_rows
+                        stage.rows_rejected += batch.rows_read - batch.num_rows
+                        stage.bytes_in += batch.bytes_read
+                    t1 = time.perf_counter()
+                    if not out.put(batch, batch.data.estimated_size(), self._stop):
+                        return
+                    stage.blocked_s += time.perf_counter() - t1
+                    if self._stop.is_set():
+                        return
+        except BaseException as exc:
+            self._fail(exc)
+        finally:
+            out.put(None, 0, self._stop)
+
+    def _transform(self, inp: ByteQueue, out: ByteQueue) -> None:
+        try:
+            while True:
+                t0 = time.perf_counter()
+                batch = inp.get(self._stop)
+                if self.step_stages:
+                    self.step_stages[0].wait_s += time.perf_counter() - t0
+                if batch is None:
+                    break
+                result = self._apply_steps(batch)
+                self._check_thresholds()
+                t1 = time.perf_counter()
+                if not out.put(result, result.bytes_read, self._stop):
+                    return
+                if self.step_stages:
+                    self.step_stages[-1].blocked_s += time.perf_counter() - t1
+        except BaseException as exc:
+            self._fail(exc)
+        finally:
+            out.put(None, 0, self._stop)
+
+    def _apply_steps(self, batch: Batch) -> Batch:
+        df = batch.data
+        if self._needs_rows:
+            df = df.with_row_index(ROW_COL)
+        for step, stage in zip(self.steps, self.step_stages):
+            t0 = time.perf_counter()
+            res = step.apply(df)
+            stage.busy_s += time.perf_counter() - t0
+            rejected = 0
+            if res.rejected is not None and res.rejected.height:
+                rejected = res.rejected.height
+                positions = res.rejected[ROW_COL].to_numpy().astype("int64")
+                lines = batch.lines_of(positions)
+                self.rejects.add(reject_frame(
+                    source=batch.split.path or batch.split.id, lines=lines, stage=step.kind,
+                    reasons=res.reasons if res.reasons is not None else f"rejected by `{step.name}`",
+                    values=res.rejected.drop(ROW_COL, strict=False),
+                ))
+            stage.rows_in += df.height
+            stage.rows_out += res.data.height
+            stage.rows_filtered += res.filtered
+            stage.rows_rejected += rejected
+            df = res.data
+        if ROW_COL in df.columns:
+            df = df.drop(ROW_COL)
+        return Batch(df, batch.split, first_row=batch.first_row, rows_read=batch.rows_read,
+                     first_line=batch.first_line, bytes_read=batch.bytes_read)
+
+    def _check_thresholds(self, *, final: bool = False) -> None:
+        o = self.options
+        rejected = self.rejects.total
+        read = self.read_stage.rows_in
+        if o.max_errors is not None and rejected > o.max_errors:
+            raise self._threshold_error(f"{rejected:,} rows rejected, more than max_errors={o.max_errors:,}")
+        enough = read >= DEFAULT_RATE_MIN_ROWS or (final and read > 0)
+        if o.max_error_rate is not None and enough and rejected / read > o.max_error_rate:
+            raise self._threshold_error(
+                f"{rejected:,} of {read:,} rows rejected ({rejected / read:.1%}), more than max_error_rate={o.max_error_rate:g}"
+            )
+
+    def _threshold_error(self, what: str) -> ErrorThresholdExceeded:
+        sink = self.rejects.sink
+        where = f"rejects are in `{sink.path}`" if sink is not None and hasattr(sink, "path") else "rejects are in report.rejects"
+        return ErrorThresholdExceeded(f"error threshold exceeded: {what}; {where}", rejected=self.rejects.total,
+                                      rows_read=self.read_stage.rows_in)
+
+    def _fail(self, exc: BaseException) -> None:
+        if not isinstance(exc, _Stop):
+            self._errors.append(exc)
+        self._stop.set()
+
+    # -- main -------------------------------------------------------------------------------
+
+    def run(self, report: Report) -> None:
+        """Run to completion (or failure), filling `report`; raises the first error."""
+        o = self.options
+        read_q = ByteQueue(o.queue_items, o.queue_bytes)
+        write_q = ByteQueue(o.queue_items, o.queue_bytes)
+        sampler = MemorySampler().start()
+        t_start = time.perf_counter()
+        progress = _progress(self.source.total_bytes(), o.progress)
+        threads = [
+            threading.Thread(target=self._read, args=(read_q,), name="colbatch-read", daemon=True),
+            threading.Thread(target=self._transform, args=(read_q, write_q), name="colbatch-transform", daemon=True),
+        ]
+        committed = False
+        try:
+            self.rejects.open()
+            schema = self.source.schema
+            for step in self.steps:
+                schema = step.output_schema(schema)
+            self.sink.open(schema)
+            for t in threads:
+                t.start()
+            self._write_loop(write_q, progress)
+            for t in threads:
+                t.join()
+            if self._errors:
+                raise self._errors[0]
+            self._check_thresholds(final=True)
+            result = self.sink.commit()
+            committed = True
+            report.outputs = result.files or [result.target]
+            self.write_stage.rows_out = result.rows
+        except BaseException as exc:
+            self._stop.set()
+            for t in threads:
+                if t.is_alive():
+                    t.join(timeout=30)
+            if not committed:
+                self.sink.abort(exc)
+            raise
+        finally:
+            if progress is not None:
+                progress.close()
+            try:
+                res = self.rejects.commit()
+                if res is not None and res.files:
+                    report.rejects_path = res.files[0]
+            finally:
+                sampler.stop()
+                self._fill(report, t_start, sampler)
+
+    def _write_loop(self, inp: ByteQueue, progress) -> None:
+        stage = self.write_stage
+        while True:
+            t0 = time.perf_counter()
+            batch = inp.get(self._stop)
+            stage.wait_s += time.perf_counter() - t0
+            if batch is None:
+                if self._errors:
+                    raise self._errors[0]
+                return
+            t1 = time.perf_counter()
+            self.sink.write(batch)
+            stage.busy_s += time.perf_counter() - t1
+            stage.rows_in += batch.num_rows
+            stage.rows_out += batch.num_rows
+            self._batches += 1
+            if progress is not None:
+                progress.update(batch.bytes_read)
+                progress.set_postfix_str(f"{self.read_stage.rows_in:,} rows, {self.rejects.total:,} rejected",
+                                         refresh=False)
+
+    def _fill(self, report: Report, t_start: float, sampler: MemorySampler) -> None:
+        report.elapsed_s = time.perf_counter() - t_start
+        report.stages = [self.read_stage, *self.step_stages, self.write_stage]
+        report.rows_read = self.read_stage.rows_in
+        report.rows_written = self.write_stage.rows_out
+        report.rows_filtered = sum(s.rows_filtered for s in self.step_stages)
+        report.rows_rejected = self.rejects.total
+        report.rejects_by_stage = dict(self.rejects.by_stage)
+        report.peak_rss_bytes = sampler.peak_rss
+        report.memory_samples = sampler.samples
+        report.batch_rows = self.options.batch_rows()
+        report.batches = self._batches
+        report.rejects = self.rejects.frame()
+        report.bottleneck = bottleneck(report.stages, report.elapsed_s, source=report.source, sink=report.sink)
+
+
+def _progress(total_bytes: int | None, enabled: bool | None):
+    """A tqdm bar over input bytes, or None when disabled or not on a terminal/notebook."""
+    if enabled is False or (enabled is None and not sys.stderr.isatty()):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="colbatch", leave=True)
+
+
+def check_accounting(report: Report) -> None:
+    """Raise when a stage or the totals do not balance (a colbatch bug, never the user's)."""
+    if report.status == "succeeded" and not report.accounting_ok():
+        bad = [s.to_dict() for s in report.stages if not s.balanced()]
+        raise ColbatchError(
+            f"row accounting does not balance: read {report.rows_read} != written {report.rows_written} + filtered "
+            f"{report.rows_filtered} + rejected {report.rows_rejected}; stages {bad}", stages=bad)

@@ -1,0 +1,146 @@
+"""Data types by name, schema alignment across files, and casting text to declared types."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import polars as pl
+
+from colbatch.errors import ConfigError
+
+DTYPES: dict[str, pl.DataType] = {
+    "int8": pl.Int8(), "int16": pl.Int16(), "int32": pl.Int32(), "int64": pl.Int64(),
+    "uint8": pl.UInt8(), "uint16": pl.UInt16(), "uint32": pl.UInt32(), "uint64": pl.UInt64(),
+    "float32": pl.Float32(), "float64": pl.Float64(), "double": pl.Float64(), "float": pl.Float64(),
+    "int": pl.Int64(), "integer": pl.Int64(), "bigint": pl.Int64(),
+    "bool": pl.Boolean(), "boolean": pl.Boolean(),
+    "str": pl.String(), "string": pl.String(), "utf8": pl.String(), "text": pl.String(), "varchar": pl.String(),
+    "date": pl.Date(), "datetime": pl.Datetime("us"), "timestamp": pl.Datetime("us"),
+    "datetime_tz": pl.Datetime("us", "UTC"), "time": pl.Time(), "binary": pl.Binary(),
+}
+
+SchemaLike = Mapping[str, "str | pl.DataType | type[pl.DataType]"]
+
+
+def parse_dtype(value: object, *, column: str = "?") -> pl.DataType:
+    """Turn a dtype name (`"int64"`) or a Polars dtype into a Polars dtype instance."""
+    if isinstance(value, pl.DataType):
+        return value
+    if isinstance(value, type) and issubclass(value, pl.DataType):
+        return value()
+    if isinstance(value, str) and value.strip().lower() in DTYPES:
+        return DTYPES[value.strip().lower()]
+    valid = ", ".join(sorted(DTYPES))
+    raise ConfigError(
+        f"column `{column}` has unknown type {value!r}; valid types: {valid}",
+        column=column, value=value,
+    )
+
+
+def parse_schema(schema: SchemaLike | None) -> dict[str, pl.DataType] | None:
+    """Normalise a user schema mapping to `{name: polars dtype}`."""
+    if schema is None:
+        return None
+    if not isinstance(schema, Mapping):
+        raise ConfigError(f"`schema` must be a mapping of column name to type, got {type(schema).__name__}")
+    return {str(name): parse_dtype(dtype, column=str(name)) for name, dtype in schema.items()}
+
+
+def dtype_name(dtype: pl.DataType) -> str:
+    """Short lower-case name of a dtype for messages (`int64`, `str`)."""
+    return str(dtype).lower()
+
+
+def _text_to(expr: pl.Expr, dtype: pl.DataType) -> pl.Expr:
+    """Non-strict conversion of a text column; values that do not fit become null."""
+    if dtype == pl.String:
+        return expr
+    if dtype == pl.Boolean:
+        lowered = expr.str.strip_chars().str.to_lowercase()
+        return (
+            pl.when(lowered.is_in(["true", "t", "1", "yes"])).then(True)
+            .when(lowered.is_in(["false", "f", "0", "no"])).then(False)
+            .otherwise(None)
+        )
+    if isinstance(dtype, pl.Datetime):
+        return expr.str.strip_chars().str.to_datetime(time_unit=dtype.time_unit, time_zone=dtype.time_zone, strict=False)
+    if dtype == pl.Date:
+        return expr.str.strip_chars().str.to_date(strict=False)
+    if dtype == pl.Time:
+        return expr.str.strip_chars().str.to_time(strict=False)
+    if dtype.is_numeric():
+        return expr.str.strip_chars().cast(dtype, strict=False)
+    return expr.cast(dtype, strict=False)
+
+
+def cast_with_rejects(
+    df: pl.DataFrame, schema: Mapping[str, pl.DataType]
+) -> tuple[pl.DataFrame, pl.Series | None]:
+    """Cast the columns of `df` named in `schema`, non-strictly.
+
+    Returns the cast frame and, when some values did not fit, a String series
+    holding the reject reason for each failing row (null for good rows);
+    `None` when every value fit. A value that fails is one that was not null
+    before the cast and is null after it.
+    """
+    targets = {c: t for c, t in schema.items() if c in df.columns and df.schema[c] != t}
+    if not targets:
+        return df, None
+    exprs = {}
+    for col, dtype in targets.items():
+        src = pl.col(col)
+        exprs[col] = _text_to(src, dtype) if df.schema[col] == pl.String else src.cast(dtype, strict=False)
+    cast = df.with_columns(**exprs)
+    reason: pl.Expr = pl.lit(None, dtype=pl.String)
+    any_bad = False
+    checks = []
+    for col, dtype in targets.items():
+        bad = df[col].is_not_null() & cast[col].is_null()
+        if bad.any():
+            any_bad = True
+            checks.append((col, dtype, bad))
+    if not any_bad:
+        return cast, None
+    for col, dtype, bad in reversed(checks):
+        shown = pl.col(col).cast(pl.String).str.slice(0, 80)
+        msg = pl.format("could not cast `{}` value '{}' to {}", pl.lit(col), shown, pl.lit(dtype_name(dtype)))
+        reason = pl.when(pl.lit(bad)).then(msg).otherwise(reason)
+    reasons = df.select(reason.alias("_reason"))["_reason"]
+    return cast, reasons
+
+
+def align(df: pl.DataFrame, schema: Mapping[str, pl.DataType]) -> pl.DataFrame:
+    """Order columns as in `schema`, adding missing ones as nulls (columns matched by name)."""
+    missing = [pl.lit(None, dtype=t).alias(c) for c, t in schema.items() if c not in df.columns]
+    if missing:
+        df = df.with_columns(missing)
+    if df.columns != list(schema):
+        df = df.select(list(schema))
+    return df
+
+
+# A text column is typed as a number or boolean when at least this share of its
+# sampled non-null values parse as one: a mostly numeric column with a few bad
+# values is numeric with rejects, not text.
+DEFAULT_INFER_MIN_SHARE = 0.9
+_CANDIDATES: tuple[pl.DataType, ...] = (pl.Int64(), pl.Float64(), pl.Boolean())
+
+
+def infer_text_types(df: pl.DataFrame, *, min_share: float = DEFAULT_INFER_MIN_SHARE) -> dict[str, pl.DataType]:
+    """Narrowest type per String column of a sample that most values parse as; others stay String."""
+    out: dict[str, pl.DataType] = {}
+    for name, dtype in df.schema.items():
+        if dtype != pl.String:
+            out[name] = pl.String() if dtype == pl.Null else dtype
+            continue
+        values = df[name].drop_nulls()
+        values = values.filter(values.str.strip_chars() != "")
+        out[name] = pl.String()
+        if values.len() == 0:
+            continue
+        for cand in _CANDIDATES:
+            parsed = values.to_frame().select(_text_to(pl.col(name), cand).alias(name))[name]
+            if parsed.is_not_null().sum() >= min_share * values.len():
+                out[name] = cand
+                break
+    return out

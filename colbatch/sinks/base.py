@@ -1,0 +1,90 @@
+"""The Sink contract and the atomic-publish helpers every file sink uses."""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import polars as pl
+
+from colbatch.batch import Batch
+
+TMP_SUFFIX = ".colbatch-tmp"
+
+
+@dataclass
+class SinkResult:
+    """What a sink published on commit."""
+
+    rows: int = 0
+    files: list[str] = field(default_factory=list)
+    bytes: int = 0
+    target: str = ""
+
+
+class Sink(ABC):
+    """Receives batches; output becomes visible only on commit.
+
+    Lifecycle:
+        open(schema): once, before any write; may create temp files, never final ones.
+        write(batch): any number of times; data is buffered or written to temp names.
+        commit(): once, after the last write; publishes atomically (temp file,
+            fsync, rename) and returns what was published.
+        abort(error): instead of commit, on failure; removes temp files; never raises.
+    """
+
+    name: str = "sink"
+
+    @abstractmethod
+    def open(self, schema: pl.Schema) -> None:
+        """Prepare to receive batches of `schema`."""
+
+    @abstractmethod
+    def write(self, batch: Batch) -> None:
+        """Receive one batch."""
+
+    @abstractmethod
+    def commit(self) -> SinkResult:
+        """Publish everything written, atomically."""
+
+    @abstractmethod
+    def abort(self, error: BaseException | None) -> None:
+        """Discard everything written; best effort, never raises."""
+
+    def describe(self) -> str:
+        """One-line description for reports."""
+        return self.name
+
+
+def temp_path(final: str) -> str:
+    """Deterministic hidden temp name beside `final`, so readers' globs never match it."""
+    head, tail = os.path.split(final)
+    return os.path.join(head, f".{tail}{TMP_SUFFIX}")
+
+
+def fsync_path(path: str) -> None:
+    """fsync a file or directory by path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(tmp: str, final: str) -> int:
+    """fsync `tmp`, rename it over `final`, fsync the directory; returns the file size."""
+    fsync_path(tmp)
+    os.replace(tmp, final)
+    fsync_path(os.path.dirname(os.path.abspath(final)))
+    return os.path.getsize(final)
+
+
+def remove_quietly(path: str) -> None:
+    """Delete a file if it exists (abort paths)."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        return
+    except OSError:
+        return

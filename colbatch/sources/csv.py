@@ -1,0 +1,383 @@
+"""CSV source: quote-aware byte blocks parsed by Polars, with a precise slow path for bad blocks.
+
+Fast path: each block of whole records is parsed by Polars' multi-threaded
+reader with the target types, then checked (field separators counted) so
+that short rows, which Polars pads with nulls, cannot slip through. A block
+that fails either way goes to the slow path, which splits it into records,
+rejects the ones that are not well formed (bad UTF-8, wrong field count,
+unterminated quote, blank line) and casts the rest as text so each value that
+does not fit is rejected with its line and reason. Clean data never pays for
+the slow path; a bad row costs only its own block.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import polars as pl
+
+from colbatch.batch import Batch, Split
+from colbatch.errors import ConfigError, SourceError
+from colbatch.rejects import reject_frame
+from colbatch.schema import align, cast_with_rejects, infer_text_types, parse_schema
+from colbatch.sources.base import ReadNotes, RejectFn, Source
+from colbatch.sources.files import expand_paths, file_splits, open_stream, read_exact, read_failure
+
+# Bytes sniffed from the first file to infer types: large enough for stable
+# inference, small enough to keep start-up negligible on small jobs.
+DEFAULT_INFER_BYTES = 4 << 20
+# A record may exceed a block (huge fields); a block never grows beyond this
+# many times its target size while looking for a record boundary.
+MAX_BLOCK_GROWTH = 8
+BOM = b"\xef\xbb\xbf"
+
+
+class CsvSource(Source):
+    """Delimited text files (optionally `.gz`/`.zst`); one split per file."""
+
+    name = "csv"
+
+    def __init__(
+        self,
+        path: str | os.PathLike | Sequence[str | os.PathLike],
+        *,
+        schema: dict | None = None,
+        has_header: bool = True,
+        separator: str = ",",
+        quote_char: str = '"',
+        null_values: Sequence[str] | None = None,
+        infer_bytes: int = DEFAULT_INFER_BYTES,
+    ) -> None:
+        if len(separator) != 1 or len(quote_char) != 1:
+            raise ConfigError(f"`separator` and `quote_char` must be one character, got {separator!r} and {quote_char!r}")
+        self.paths = expand_paths(path, suffixes=(".csv", ".tsv", ".txt"))
+        self.declared = parse_schema(schema)
+        self.has_header = has_header
+        self.separator = separator
+        self.quote_char = quote_char
+        self.null_values = list(null_values) if null_values else None
+        self.notes = ReadNotes()
+        self._avg_row_bytes = max(16, 8 * len(schema or {}))
+        self._sep_b = separator.encode()
+        self._quote_b = quote_char.encode()
+        self._headers = {p: self._read_header(p) for p in self.paths}
+        self._schema = self._plan_schema(infer_bytes)
+
+    def describe(self) -> str:
+        """One-line description for reports."""
+        return f"csv {self.paths[0]}" + (f" (+{len(self.paths) - 1} files)" if len(self.paths) > 1 else "")
+
+    @property
+    def schema(self) -> pl.Schema:
+        """Unified schema: columns of all files matched by name, declared types over inferred ones."""
+        return self._schema
+
+    def splits(self) -> list[Split]:
+        """One split per file."""
+        return file_splits(self.paths)
+
+    # -- planning ---------------------------------------------------------------------------
+
+    def _read_header(self, path: str) -> tuple[list[str], int] | None:
+        """Column names of a file and the byte length of its header line (None when empty)."""
+        with open_stream(path) as stream:
+            try:
+                head = read_exact(stream, 1 << 16)
+                while b"\n" not in head:
+                    more = read_exact(stream, 1 << 20)
+                    if not more:
+                        break
+                    head += more
+            except (OSError, EOFError) as exc:
+                raise read_failure(path, exc) from exc
+        offset = len(BOM) if head.startswith(BOM) else 0
+        if len(head) <= offset:
+            return None
+        end = head.find(b"\n", offset)
+        line = head[offset: end if end >= 0 else len(head)]
+        try:
+            text = line.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError as exc:
+            raise SourceError(f"cannot read `{path}`: header line is not valid UTF-8", path=path) from exc
+        fields = next(csv.reader([text], delimiter=self.separator, quotechar=self.quote_char))
+        if not self.has_header:
+            names = [f"column_{i + 1}" for i in range(len(fields))]
+            return names, offset
+        names = self._dedupe(path, [f.strip() or f"column_{i + 1}" for i, f in enumerate(fields)])
+        return names, (end + 1 if end >= 0 else len(head))
+
+    def _dedupe(self, path: str, names: list[str]) -> list[str]:
+        seen: dict[str, int] = {}
+        out = []
+        for name in names:
+            if name in seen:
+                seen[name] += 1
+                new = f"{name}_{seen[name]}"
+                self.notes.warnings.append(f"`{path}`: duplicate column `{name}` renamed to `{new}`")
+                name = new
+            seen.setdefault(name, 1)
+            out.append(name)
+        return out
+
+    def _plan_schema(self, infer_bytes: int) -> pl.Schema:
+        columns: list[str] = []
+        for path, header in self._headers.items():
+            if header is None:
+                continue
+            for name in header[0]:
+                if name not in columns:
+                    columns.append(name)
+        if self.declared:
+            unknown = [c for c in self.declared if c not in columns and columns]
+            if unknown:
+                raise ConfigError(f"declared column `{unknown[0]}` is not in any input file; columns: {', '.join(columns)}")
+            if not columns:
+                columns = list(self.declared)
+        firsts = {p: h[0] for p, h in self._headers.items() if h is not None}
+        distinct = {tuple(v) for v in firsts.values()}
+        if len(distinct) > 1:
+            self.notes.warnings.append(
+                "schema drift: input files have different columns; matched by name, missing columns are null ("
+                + "; ".join(f"`{os.path.basename(p)}`: {', '.join(c)}" for p, c in firsts.items()) + ")"
+            )
+        inferred = self._infer(infer_bytes, columns)
+        return pl.Schema({c: (self.declared or {}).get(c, inferred.get(c, pl.String())) for c in columns})
+
+    def _infer(self, infer_bytes: int, columns: list[str]) -> dict[str, pl.DataType]:
+        types: dict[str, pl.DataType] = {}
+        for path, header in self._headers.items():
+            if header is None or all(c in types for c in header[0]):
+                continue
+            names, offset = header
+            with open_stream(path) as stream:
+                try:
+                    sample = read_exact(stream, offset + infer_bytes)[offset:]
+                except (OSError, EOFError) as exc:
+                    raise read_failure(path, exc) from exc
+            cut = _safe_cut(sample, self._quote_b, final=len(sample) < infer_bytes)
+            sample = sample[:cut] if cut > 0 else b""
+            if not sample.strip():
+                continue
+            try:
+                df = pl.read_csv(
+                    sample, has_header=False, new_columns=names, separator=self.separator,
+                    quote_char=self.quote_char, null_values=self.null_values, infer_schema=False,
+                    truncate_ragged_lines=True, encoding="utf8-lossy",
+                )
+            except pl.exceptions.PolarsError:
+                continue
+            df = df.select([n for n in names if n not in (self.declared or {})])
+            df_types = infer_text_types(df)
+            if df.height:
+                self._avg_row_bytes = max(8, len(sample) // df.height)
+            for name, dtype in df_types.items():
+                types.setdefault(name, dtype)
+        return types
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def read(self, split: Split, *, batch_rows: int, on_reject: RejectFn, skip_rows: int = 0) -> Iterator[Batch]:
+        """Yield batches of about `batch_rows` records of one file."""
+        path = split.path or ""
+        header = self._headers[path]
+        if header is None:
+            return
+        names, offset = header
+        block_bytes = max(64 << 10, batch_rows * self._row_width())
+        file_types = {n: self._schema[n] for n in names}
+        line = 2 if self.has_header else 1
+        row = 0
+        with open_stream(path) as stream:
+            try:
+                read_exact(stream, offset)
+                for block in _blocks(stream, block_bytes, self._quote_b):
+                    nlines = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
+                    df, rejected, line_fn = self._parse(block, names, file_types, path, line, on_reject)
+                    consumed = df.height + rejected
+                    if row + consumed > skip_rows:
+                        if row < skip_rows:
+                            cut = skip_rows - row
+                            df = df.slice(cut)
+                        yield Batch(align(df, self._schema), split, first_row=row, rows_read=consumed,
+                                    first_line=line, bytes_read=len(block), line_fn=line_fn)
+                    row += consumed
+                    line += nlines
+            except (OSError, EOFError) as exc:
+                raise read_failure(path, exc) from exc
+
+    def _row_width(self) -> int:
+        """Average bytes per record, measured on the inference sample."""
+        return self._avg_row_bytes
+
+    def _parse(self, block, names, types, path, line, on_reject):
+        """Parse one block; returns (good rows, number rejected, line mapping or None)."""
+        try:
+            df = pl.read_csv(
+                block, has_header=False, new_columns=names, schema=types, separator=self.separator,
+                quote_char=self.quote_char, null_values=self.null_values, raise_if_empty=False,
+            )
+            if self._well_formed(block, df, names):
+                return df, 0, _line_fn(block, line, self._quote_b)
+        except pl.exceptions.PolarsError:
+            pass
+        return self._parse_slow(block, names, types, path, line, on_reject)
+
+    def _well_formed(self, block: bytes, df: pl.DataFrame, names: list[str]) -> bool:
+        """True when every record had exactly the expected number of fields."""
+        if len(names) == 1:
+            return True
+        expected = (len(names) - 1) * df.height
+        if self._quote_b in block:
+            strings = [n for n, t in df.schema.items() if t == pl.String]
+            if strings:
+                inner = df.select(pl.sum_horizontal(
+                    [pl.col(s).str.count_matches(self.separator, literal=True).sum() for s in strings]
+                )).item()
+                expected += int(inner or 0)
+        return block.count(self._sep_b) == expected
+
+    def _parse_slow(self, block, names, types, path, line, on_reject):
+        """Split into records, reject malformed ones, cast the rest as text with per-value rejects."""
+        good: list[bytes] = []
+        good_lines: list[int] = []
+        bad_lines: list[int] = []
+        bad_raw: list[str] = []
+        bad_reason: list[str] = []
+        for rec_line, rec, unterminated in _records(block, self._quote_b, line):
+            reason = None
+            text = ""
+            try:
+                text = rec.decode("utf-8").rstrip("\r")
+            except UnicodeDecodeError as exc:
+                reason = f"invalid UTF-8 byte at position {exc.start} of the line"
+                text = rec.decode("utf-8", errors="replace").rstrip("\r")
+            if reason is None:
+                if unterminated:
+                    reason = "unterminated quoted field"
+                elif text == "":
+                    reason = "blank line"
+                else:
+                    try:
+                        fields = next(csv.reader([text], delimiter=self.separator, quotechar=self.quote_char, strict=True))
+                        if len(fields) != len(names):
+                            reason = f"expected {len(names)} fields, found {len(fields)}"
+                    except csv.Error as exc:
+                        reason = f"malformed quoting: {exc}"
+            if reason is None:
+                good.append(rec)
+                good_lines.append(rec_line)
+            else:
+                bad_lines.append(rec_line)
+                bad_raw.append(text)
+                bad_reason.append(reason)
+        if bad_lines:
+            on_reject(reject_frame(source=path, lines=bad_lines, stage="parse",
+                                   reasons=pl.Series(bad_reason, dtype=pl.String), raw=bad_raw))
+        if not good:
+            return pl.DataFrame(schema=types), len(bad_lines), None
+        text_block = b"\n".join(good) + b"\n"
+        try:
+            df = pl.read_csv(
+                text_block, has_header=False, new_columns=names, schema={n: pl.String for n in names},
+                separator=self.separator, quote_char=self.quote_char, null_values=self.null_values,
+            )
+        except pl.exceptions.PolarsError as exc:
+            raise SourceError(f"cannot read `{path}` near line {good_lines[0]}: {exc}", path=path) from exc
+        lines = np.asarray(good_lines, dtype=np.int64)
+        cast, reasons = cast_with_rejects(df, types)
+        if reasons is not None:
+            bad = reasons.is_not_null()
+            on_reject(reject_frame(source=path, lines=lines[bad.to_numpy()], stage="cast",
+                                   reasons=reasons.filter(bad), values=df.filter(bad)))
+            cast = cast.filter(~bad)
+            lines = lines[~bad.to_numpy()]
+            rejected = len(bad_lines) + int(bad.sum())
+        else:
+            rejected = len(bad_lines)
+        return cast, rejected, (lambda pos, _l=lines: _l[pos])
+
+
+def _safe_cut(buf: bytes, quote: bytes, *, final: bool = False) -> int:
+    """Offset just past the last newline that ends a record (even number of quotes before it).
+
+    Returns 0 when no such newline exists. At end of input the whole buffer is a cut.
+    """
+    if final:
+        return len(buf)
+    p = buf.rfind(b"\n")
+    if p < 0:
+        return 0
+    if quote not in buf:
+        return p + 1
+    parity = buf.count(quote, 0, p) & 1
+    steps = 0
+    while parity and steps < 4096:
+        q = buf.rfind(b"\n", 0, p)
+        if q < 0:
+            return 0
+        parity ^= buf.count(quote, q, p) & 1
+        p = q
+        steps += 1
+    return 0 if parity else p + 1
+
+
+def _blocks(stream: io.RawIOBase, block_bytes: int, quote: bytes) -> Iterator[bytes]:
+    """Blocks of whole records; a block grows (huge fields) up to a cap, then is cut at any newline."""
+    rest = b""
+    while True:
+        chunk = read_exact(stream, block_bytes)
+        buf = rest + chunk if rest else chunk
+        if not chunk:
+            if buf:
+                yield buf
+            return
+        cut = _safe_cut(buf, quote)
+        if cut == 0 and len(buf) > MAX_BLOCK_GROWTH * block_bytes:
+            cut = buf.rfind(b"\n") + 1
+        if cut == 0:
+            rest = buf
+            continue
+        yield buf[:cut]
+        rest = buf[cut:]
+
+
+def _records(block: bytes, quote: bytes, first_line: int) -> Iterator[tuple[int, bytes, bool]]:
+    """Split a block into (line, record bytes, unterminated) respecting quoted newlines.
+
+    A quoted field that does not close within the block is reported as one
+    unterminated record of its first line; reading resumes on the next line.
+    """
+    lines = block.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    i = 0
+    n = len(lines)
+    while i < n:
+        start = i
+        rec = lines[i]
+        parity = rec.count(quote) & 1
+        while parity and i + 1 < n:
+            i += 1
+            parity ^= lines[i].count(quote) & 1
+        if parity:
+            yield first_line + start, lines[start], True
+            i = start + 1
+            continue
+        yield first_line + start, b"\n".join(lines[start: i + 1]), False
+        i += 1
+
+
+def _line_fn(block: bytes, first_line: int, quote: bytes):
+    """Row position → file line, only needed when quoted fields hold newlines."""
+    if quote not in block:
+        return None
+
+    def lines_of(positions: np.ndarray) -> np.ndarray:
+        starts = np.fromiter((ln for ln, _, _ in _records(block, quote, first_line)), dtype=np.int64)
+        return starts[positions]
+
+    return lines_of

@@ -1,0 +1,148 @@
+"""In-memory sources: Arrow tables and readers, and any Python iterator of batches."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+
+from colbatch.batch import Batch, Split
+from colbatch.errors import ConfigError, SourceError
+from colbatch.rejects import reject_frame
+from colbatch.schema import align, cast_with_rejects, parse_schema
+from colbatch.sources.base import ReadNotes, RejectFn, Source
+
+
+def to_frame(item: Any) -> pl.DataFrame:
+    """Turn one item of a user iterator into a DataFrame (Arrow batch/table, DataFrame, dict(s))."""
+    if isinstance(item, pl.DataFrame):
+        return item
+    if isinstance(item, (pa.RecordBatch, pa.Table)):
+        return pl.DataFrame(item)
+    if isinstance(item, Mapping):
+        values = list(item.values())
+        if values and all(isinstance(v, (list, tuple)) for v in values):
+            return pl.DataFrame(dict(item), strict=False)
+        return pl.DataFrame([dict(item)], strict=False)
+    if isinstance(item, list) and all(isinstance(r, Mapping) for r in item):
+        return pl.DataFrame(item, strict=False, infer_schema_length=None)
+    try:
+        import pandas as pd  # noqa: F401
+
+        if type(item).__name__ == "DataFrame":
+            return pl.from_pandas(item)
+    except ImportError:
+        pass
+    raise ConfigError(
+        f"cannot turn a `{type(item).__name__}` into a batch; yield Arrow batches, Polars DataFrames, dicts or lists of dicts"
+    )
+
+
+class IterableSource(Source):
+    """One split fed by an iterator factory; re-iterable when given a callable or a re-iterable object."""
+
+    name = "iterator"
+
+    def __init__(
+        self,
+        factory: Callable[[], Iterable[Any]],
+        *,
+        schema: Mapping | pl.Schema | None,
+        label: str,
+        reiterable: bool,
+    ) -> None:
+        self._factory = factory
+        self.label = label
+        self.reiterable = reiterable
+        self.notes = ReadNotes()
+        self._peeked: list[pl.DataFrame] = []
+        self._iterator: Iterator[Any] | None = None
+        declared = parse_schema(dict(schema)) if schema is not None else None
+        if declared is None:
+            self._iterator = iter(factory())
+            for item in self._iterator:
+                frame = to_frame(item)
+                self._peeked.append(frame)
+                if frame.height or frame.width:
+                    break
+            declared = dict(self._peeked[-1].schema) if self._peeked else {}
+            self._cast = False
+        else:
+            self._cast = True
+        self._schema = pl.Schema(declared)
+
+    @property
+    def schema(self) -> pl.Schema:
+        """Declared, or taken from the first batch."""
+        return self._schema
+
+    def splits(self) -> list[Split]:
+        """A single split."""
+        return [Split(0, f"00000:{self.label}", None, None)]
+
+    def describe(self) -> str:
+        """One-line description for reports."""
+        return self.label
+
+    def _items(self) -> Iterator[pl.DataFrame]:
+        if self._iterator is not None:
+            it, self._iterator = self._iterator, None
+            yield from self._peeked
+            self._peeked = []
+            for item in it:
+                yield to_frame(item)
+            return
+        if not self.reiterable and self._peeked == [] and getattr(self, "_used", False):
+            raise SourceError(f"`{self.label}` is a one-shot iterator and was already consumed; pass a callable to re-read it")
+        self._used = True
+        for item in self._factory():
+            yield to_frame(item)
+
+    def read(self, split: Split, *, batch_rows: int, on_reject: RejectFn, skip_rows: int = 0) -> Iterator[Batch]:
+        """Yield the iterator's items, re-chunked to at most `batch_rows` rows."""
+        row = 0
+        for frame in self._items():
+            for start in range(0, max(frame.height, 1), batch_rows):
+                part = frame.slice(start, batch_rows)
+                n = part.height
+                if n == 0 or row + n <= skip_rows:
+                    row += n
+                    continue
+                if row < skip_rows:
+                    part = part.slice(skip_rows - row)
+                first = max(row, skip_rows)
+                good, rejected = self._conform(part, first, on_reject)
+                yield Batch(good, split, first_row=first, rows_read=part.height, bytes_read=part.estimated_size())
+                row += n
+
+    def _conform(self, df: pl.DataFrame, first_row: int, on_reject: RejectFn):
+        extra = [c for c in df.columns if c not in self._schema]
+        if extra:
+            self.notes.warnings.append(f"schema drift: `{self.label}` yielded unknown columns {extra} (dropped)")
+            df = df.drop(extra)
+        cast, reasons = cast_with_rejects(df, self._schema)
+        if reasons is None:
+            return align(cast, self._schema), 0
+        import numpy as np
+
+        bad = reasons.is_not_null()
+        positions = np.flatnonzero(bad.to_numpy())
+        on_reject(reject_frame(source=self.label, lines=positions + first_row, stage="cast",
+                               reasons=reasons.filter(bad), values=df.filter(bad)))
+        return align(cast.filter(~bad), self._schema), len(positions)
+
+
+def arrow_source(data: pa.Table | pa.RecordBatchReader | pa.RecordBatch | pl.DataFrame) -> IterableSource:
+    """Source over an Arrow table, record batch, reader, or a Polars DataFrame."""
+    if isinstance(data, pa.RecordBatchReader):
+        schema = pl.DataFrame(data.schema.empty_table()).schema
+        return IterableSource(lambda: iter(data), schema=schema, label="arrow reader", reiterable=False)
+    if isinstance(data, (pa.Table, pa.RecordBatch)):
+        frame = pl.DataFrame(data)
+    elif isinstance(data, pl.DataFrame):
+        frame = data
+    else:
+        raise ConfigError(f"`from_arrow` takes a pyarrow Table, RecordBatch or RecordBatchReader, got `{type(data).__name__}`")
+    return IterableSource(lambda: [frame], schema=frame.schema, label="arrow table", reiterable=True)

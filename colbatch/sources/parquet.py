@@ -1,0 +1,147 @@
+"""Parquet and Arrow IPC sources: one split per file, batches straight from pyarrow."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+from colbatch.batch import Batch, Split
+from colbatch.errors import ConfigError
+from colbatch.schema import align, cast_with_rejects, parse_schema
+from colbatch.sources.base import ReadNotes, RejectFn, Source
+from colbatch.sources.files import expand_paths, file_splits, read_failure
+from colbatch.rejects import reject_frame
+
+
+class _ArrowFileSource(Source):
+    """Shared logic of typed columnar files: unify schemas by name, cast to declared types."""
+
+    suffixes: tuple[str, ...] = ()
+
+    def __init__(self, path: str | os.PathLike | Sequence[str | os.PathLike], *, schema: dict | None = None) -> None:
+        self.paths = expand_paths(path, suffixes=self.suffixes)
+        self.declared = parse_schema(schema)
+        self.notes = ReadNotes()
+        file_schemas = {p: self._file_schema(p) for p in self.paths}
+        merged: dict[str, pl.DataType] = {}
+        for s in file_schemas.values():
+            for name, dtype in s.items():
+                merged.setdefault(name, dtype)
+        if len({tuple(s.items()) for s in file_schemas.values()}) > 1:
+            self.notes.warnings.append("schema drift: input files have different columns or types; matched by name")
+        if self.declared:
+            for name in self.declared:
+                if name not in merged:
+                    raise ConfigError(f"declared column `{name}` is not in any input file; columns: {', '.join(merged)}")
+            merged.update(self.declared)
+        self._schema = pl.Schema(merged)
+
+    @property
+    def schema(self) -> pl.Schema:
+        """Columns of all files matched by name; declared types win."""
+        return self._schema
+
+    def splits(self) -> list[Split]:
+        """One split per file."""
+        return file_splits(self.paths)
+
+    def describe(self) -> str:
+        """One-line description for reports."""
+        return f"{self.name} {self.paths[0]}" + (f" (+{len(self.paths) - 1} files)" if len(self.paths) > 1 else "")
+
+    def _file_schema(self, path: str) -> dict[str, pl.DataType]:
+        try:
+            arrow_schema = self._arrow_schema(path)
+        except (OSError, pa.ArrowException) as exc:
+            raise read_failure(path, exc) from exc
+        return dict(pl.DataFrame(arrow_schema.empty_table()).schema)
+
+    def _arrow_schema(self, path: str) -> pa.Schema:
+        raise NotImplementedError
+
+    def _iter(self, path: str, batch_rows: int) -> Iterator[pa.RecordBatch]:
+        raise NotImplementedError
+
+    def read(self, split: Split, *, batch_rows: int, on_reject: RejectFn, skip_rows: int = 0) -> Iterator[Batch]:
+        """Yield batches of about `batch_rows` rows of one file."""
+        path = split.path or ""
+        row = 0
+        try:
+            for rb in self._iter(path, batch_rows):
+                n = rb.num_rows
+                if row + n <= skip_rows or n == 0:
+                    row += n
+                    continue
+                df = pl.DataFrame(rb)
+                consumed = n
+                if row < skip_rows:
+                    df = df.slice(skip_rows - row)
+                    consumed = df.height
+                first = max(row, skip_rows)
+                df, rejected = self._conform(df, path, first, on_reject)
+                yield Batch(df, split, first_row=first, rows_read=consumed, bytes_read=rb.nbytes)
+                row += n
+        except (OSError, pa.ArrowException) as exc:
+            raise read_failure(path, exc) from exc
+
+    def _conform(self, df: pl.DataFrame, path: str, first_row: int, on_reject: RejectFn):
+        cast, reasons = cast_with_rejects(df, {c: t for c, t in self._schema.items() if c in df.columns})
+        rejected = 0
+        if reasons is not None:
+            bad = reasons.is_not_null()
+            import numpy as np
+
+            positions = np.flatnonzero(bad.to_numpy())
+            on_reject(reject_frame(source=path, lines=positions + first_row, stage="cast",
+                                   reasons=reasons.filter(bad), values=df.filter(bad)))
+            cast = cast.filter(~bad)
+            rejected = len(positions)
+        return align(cast, self._schema), rejected
+
+
+class ParquetSource(_ArrowFileSource):
+    """Parquet files; a corrupt or truncated file fails naming the file."""
+
+    name = "parquet"
+    suffixes = (".parquet", ".pq")
+
+    def _arrow_schema(self, path: str) -> pa.Schema:
+        return pq.read_schema(path)
+
+    def _iter(self, path: str, batch_rows: int) -> Iterator[pa.RecordBatch]:
+        with pq.ParquetFile(path) as pf:
+            yield from pf.iter_batches(batch_size=batch_rows)
+
+
+class IpcSource(_ArrowFileSource):
+    """Arrow IPC files (file or stream format, `.arrow`/`.ipc`/`.feather`)."""
+
+    name = "ipc"
+    suffixes = (".arrow", ".ipc", ".feather", ".arrows")
+
+    def _arrow_schema(self, path: str) -> pa.Schema:
+        with pa.memory_map(path) as src:
+            try:
+                return ipc.open_file(src).schema
+            except pa.ArrowInvalid:
+                src.seek(0)
+                return ipc.open_stream(src).schema
+
+    def _iter(self, path: str, batch_rows: int) -> Iterator[pa.RecordBatch]:
+        with pa.memory_map(path) as src:
+            try:
+                reader = ipc.open_file(src)
+                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+            except pa.ArrowInvalid:
+                src.seek(0)
+                batches = iter(ipc.open_stream(src))
+            for rb in batches:
+                for start in range(0, rb.num_rows, batch_rows):
+                    yield rb.slice(start, batch_rows)
+
+
