@@ -161,7 +161,7 @@ class Pipeline:
             report.error_type = type(exc).__name__
             if isinstance(exc, ColbatchError):
                 exc.report = report  # type: ignore[attr-defined]
-            log.error("run failed: %s", exc)
+            log.info("run failed: %s", exc)
             if raise_on_error or not isinstance(exc, Exception):
                 raise
         finally:

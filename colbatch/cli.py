@@ -1,0 +1,88 @@
+"""Command line: `python -m colbatch run JOB.toml | demo | bench core`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+
+from colbatch.errors import ColbatchError, ConfigError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m colbatch", description="columnar batch jobs with full row accounting")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a TOML job file")
+    run.add_argument("job", help="path to the job file")
+    run.add_argument("--report", metavar="PATH", help="write the run report as JSON")
+    run.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
+    run.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    demo = sub.add_parser("demo", help="run a job on the bundled sample data and query its output")
+    demo.add_argument("--out", default="out/demo", help="output directory (default: out/demo)")
+    demo.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
+    demo.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    bench = sub.add_parser("bench", help="benchmarks against Polars, DuckDB, pyarrow and plain Python")
+    bench.add_argument("suite", choices=["core"], help="which benchmark")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="options of the suite (see `bench core --help`)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 job failed, 2 bad usage or config)."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    debug = bool(getattr(args, "debug", False))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="colbatch: %(message)s")
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "demo":
+            from colbatch.demo import run_demo
+
+            return run_demo(args.out, progress=not args.no_progress)
+        from colbatch.bench.core import main as bench_main
+
+        return bench_main(args.args)
+    except ConfigError as exc:
+        return _fail(exc, debug, EXIT_USAGE)
+    except ColbatchError as exc:
+        return _fail(exc, debug, EXIT_FAILED)
+    except KeyboardInterrupt:
+        print("colbatch: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an unexpected error is still one line without --debug
+        return _fail(exc, debug, EXIT_FAILED, prefix="internal error: ")
+
+
+def _fail(exc: BaseException, debug: bool, code: int, prefix: str = "") -> int:
+    if debug:
+        traceback.print_exc()
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    print(f"colbatch: error: {prefix}{message}", file=sys.stderr)
+    if not debug:
+        print("colbatch: run with --debug for details", file=sys.stderr) if prefix else None
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
+    from colbatch.config import load_job
+
+    pipeline = load_job(args.job)
+    if args.no_progress:
+        pipeline = pipeline.with_options(progress=False)
+    report = pipeline.run(raise_on_error=False)
+    if args.report:
+        report.save_json(args.report)
+    print(report.summary())
+    if not report.succeeded:
+        print(f"colbatch: error: {report.error}", file=sys.stderr)
+        return EXIT_FAILED if report.error_type != "ConfigError" else EXIT_USAGE
+    return EXIT_OK
