@@ -195,9 +195,9 @@ class CsvSource(Source):
             try:
                 read_exact(stream, offset)
                 for block in _blocks(stream, block_bytes, self._quote_b):
-                    nlines = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
                     df, rejected, line_fn = self._parse(block, names, file_types, path, line, on_reject)
                     consumed = df.height + rejected
+                    nlines = consumed if line_fn is None else count_byte(block, b"\n") + (not block.endswith(b"\n"))
                     if row + consumed > skip_rows:
                         if row < skip_rows:
                             cut = skip_rows - row
@@ -220,25 +220,26 @@ class CsvSource(Source):
                 block, has_header=False, new_columns=names, schema=types, separator=self.separator,
                 quote_char=self.quote_char, null_values=self.null_values, raise_if_empty=False,
             )
-            if self._well_formed(block, df, names):
-                return df, 0, _line_fn(block, line, self._quote_b)
+            quoted = self._quote_b in block
+            if self._well_formed(block, df, names, quoted):
+                return df, 0, _line_fn(block, line, self._quote_b) if quoted else None
         except pl.exceptions.PolarsError:
             pass
         return self._parse_slow(block, names, types, path, line, on_reject)
 
-    def _well_formed(self, block: bytes, df: pl.DataFrame, names: list[str]) -> bool:
-        """True when every record had exactly the expected number of fields."""
+    def _well_formed(self, block: bytes, df: pl.DataFrame, names: list[str], quoted: bool) -> bool:
+        """True when every record had exactly the expected number of fields (Polars pads short rows)."""
         if len(names) == 1:
             return True
         expected = (len(names) - 1) * df.height
-        if self._quote_b in block:
+        if quoted:
             strings = [n for n, t in df.schema.items() if t == pl.String]
             if strings:
                 inner = df.select(pl.sum_horizontal(
                     [pl.col(s).str.count_matches(self.separator, literal=True).sum() for s in strings]
                 )).item()
                 expected += int(inner or 0)
-        return block.count(self._sep_b) == expected
+        return count_byte(block, self._sep_b) == expected
 
     def _parse_slow(self, block, names, types, path, line, on_reject):
         """Split into records, reject malformed ones, cast the rest as text with per-value rejects."""
@@ -299,6 +300,11 @@ class CsvSource(Source):
         else:
             rejected = len(bad_lines)
         return cast, rejected, (lambda pos, _l=lines: _l[pos])
+
+
+def count_byte(data: bytes, byte: bytes) -> int:
+    """Occurrences of one byte; vectorised (several times faster than `bytes.count`, and GIL-free)."""
+    return int(np.count_nonzero(np.frombuffer(data, dtype=np.uint8) == byte[0]))
 
 
 def _safe_cut(buf: bytes, quote: bytes, *, final: bool = False) -> int:
