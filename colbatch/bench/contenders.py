@@ -303,13 +303,11 @@ def _peak_rss_bytes() -> int:
     the child would report at least the parent's peak RSS (the parent has just
     generated the input). ``VmHWM`` belongs to the new address space only.
     """
-    try:
+    if os.path.exists("/proc/self/status"):
         with open("/proc/self/status", encoding="ascii") as status:
             for line in status:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) * 1024
-    except OSError:
-        pass
     return _max_rss_bytes(resource.RUSAGE_SELF)
 
 

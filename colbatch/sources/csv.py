@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 from collections.abc import Iterator, Sequence
 
@@ -34,6 +35,7 @@ DEFAULT_INFER_BYTES = 4 << 20
 # many times its target size while looking for a record boundary.
 MAX_BLOCK_GROWTH = 8
 BOM = b"\xef\xbb\xbf"
+log = logging.getLogger("colbatch")
 
 
 class CsvSource(Source):
@@ -223,8 +225,8 @@ class CsvSource(Source):
             quoted = self._quote_b in block
             if self._well_formed(block, df, names, quoted):
                 return df, 0, _line_fn(block, line, self._quote_b) if quoted else None
-        except pl.exceptions.PolarsError:
-            pass
+        except pl.exceptions.PolarsError as exc:
+            log.debug("`%s` near line %d: fast parse failed (%s); isolating bad records", path, line, exc)
         return self._parse_slow(block, names, types, path, line, on_reject)
 
     def _well_formed(self, block: bytes, df: pl.DataFrame, names: list[str], quoted: bool) -> bool:

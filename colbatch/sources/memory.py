@@ -28,13 +28,8 @@ def to_frame(item: Any) -> pl.DataFrame:
         return pl.DataFrame([dict(item)], strict=False)
     if isinstance(item, list) and all(isinstance(r, Mapping) for r in item):
         return pl.DataFrame(item, strict=False, infer_schema_length=None)
-    try:
-        import pandas as pd  # noqa: F401
-
-        if type(item).__name__ == "DataFrame":
-            return pl.from_pandas(item)
-    except ImportError:
-        pass
+    if type(item).__module__.startswith("pandas") and type(item).__name__ == "DataFrame":
+        return pl.from_pandas(item)
     raise ConfigError(
         f"cannot turn a `{type(item).__name__}` into a batch; yield Arrow batches, Polars DataFrames, dicts or lists of dicts"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator, Sequence
 
@@ -16,6 +17,9 @@ from colbatch.schema import align, cast_with_rejects, infer_text_types, parse_sc
 from colbatch.sources.base import ReadNotes, RejectFn, Source
 from colbatch.sources.csv import DEFAULT_INFER_BYTES, _blocks
 from colbatch.sources.files import expand_paths, file_splits, open_stream, read_exact, read_failure
+
+
+log = logging.getLogger("colbatch")
 
 
 class NdjsonSource(Source):
@@ -112,8 +116,8 @@ class NdjsonSource(Source):
                 df = pl.read_ndjson(block, schema=self._schema)
                 if df.height == block.count(b"\n") + (0 if block.endswith(b"\n") else 1):
                     return df, 0, None
-            except pl.exceptions.PolarsError:
-                pass
+            except pl.exceptions.PolarsError as exc:
+                log.debug("`%s` near line %d: fast parse failed (%s); isolating bad lines", path, line, exc)
         return self._parse_slow(block, path, line, on_reject)
 
     def _parse_slow(self, block: bytes, path: str, line: int, on_reject: RejectFn):
