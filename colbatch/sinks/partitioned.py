@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 from urllib.parse import quote
 
@@ -20,7 +21,7 @@ NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"
 
 def partition_dir(value: object) -> str:
     """Escape one partition value into a safe directory name (no `/`, no `..`, no hidden names)."""
-    if value is None:
+    if value is None or value == "":
         return NULL_PARTITION
     text = quote(str(value), safe=" -_,@+~")
     if text == "" or text.startswith("."):
@@ -98,7 +99,17 @@ class PartitionedParquetSink(Sink):
             size += publish(tmp, final)
             files.append(final)
         self._done = []
+        self._remove_stale(set(files))
         return SinkResult(rows=self._rows, files=files, bytes=size, target=self.path)
+
+    def _remove_stale(self, keep: set[str]) -> None:
+        """Delete part files of earlier runs so readers see exactly this run's output."""
+        for old in glob.glob(os.path.join(glob.escape(self.path), "**", "part-*.parquet"), recursive=True):
+            if old not in keep:
+                remove_quietly(old)
+        for root, dirs, files in os.walk(self.path, topdown=False):
+            if root != self.path and not dirs and not files:
+                os.rmdir(root)
 
     def abort(self, error: BaseException | None) -> None:
         """Close writers and delete temp files; never raises."""

@@ -36,6 +36,9 @@ DEFAULT_INFER_BYTES = 4 << 20
 MAX_BLOCK_GROWTH = 8
 BOM = b"\xef\xbb\xbf"
 log = logging.getLogger("colbatch")
+# The slow path splits records with the csv module, whose default 128 KiB field
+# limit would reject valid huge fields; the fast path has no such limit.
+csv.field_size_limit(2**31 - 1)
 
 
 class CsvSource(Source):

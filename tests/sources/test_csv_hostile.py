@@ -131,9 +131,6 @@ def test_multi_megabyte_field(write):
     assert len(out.filter(pl.col("id") == 2)["type"][0]) == 5 << 20
 
 
-@pytest.mark.xfail(reason="csv slow path uses Python csv with its 128 KiB field_size_limit: a valid quoted "
-                          "multi-MB field in a block with any bad row is rejected as 'field larger than field limit'",
-                   strict=True)
 def test_multi_megabyte_field_next_to_a_bad_row(write):
     big = "x" * (5 << 20)
     p = write("big.csv", HEADER + b"1,2.5,a\n" + f'2,3.5,"{big}"\n'.encode() + b"3,zz,c\n4,1.0,d\n")

@@ -89,8 +89,7 @@ def test_schema_drift_across_files_warns(write, tmp_path):
     write("d/b.jsonl", b'{"id":2,"b":true}\n')
     report, out = run_ndjson(tmp_path / "d")
     assert sorted(out.columns) == ["a", "b", "id"]
-    assert out.sort("id").rows(named=True) == [{"id": 1, "a": "x", "b": None}, {"id": 2, "a": None, "b": True}][:0] or \
-        {r["id"]: (r["a"], r["b"]) for r in out.iter_rows(named=True)} == {1: ("x", None), 2: (None, True)}
+    assert {r["id"]: (r["a"], r["b"]) for r in out.iter_rows(named=True)} == {1: ("x", None), 2: (None, True)}
     assert any("schema drift" in w for w in report.warnings)
 
 

@@ -1,0 +1,141 @@
+"""The command line: exit codes, one-line errors, reports, the demo."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "colbatch", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("colbatch: error:")]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
+
+
+@pytest.fixture
+def job(tmp_path: Path):
+    (tmp_path / "in.csv").write_text("id,amount,country\n1,2.5,US\n2,-1,DE\n3,4.0,XX\n4,x,US\n5,1.0,FR\n")
+
+    def _job(extra: str = "", source: str = 'path = "in.csv"\nschema = { id = "int64", amount = "float64" }') -> Path:
+        text = f"""
+[source]
+{source}
+
+[[steps]]
+validate = "amount > 0"
+name = "positive_amount"
+
+[[steps]]
+filter = "country <> 'XX'"
+
+[[steps]]
+with_columns = ["amount * 1.1 AS value"]
+
+[sink]
+path = "out/events.parquet"
+
+[rejects]
+path = "out/rejects.parquet"
+{extra}
+"""
+        p = tmp_path / "job.toml"
+        p.write_text(text)
+        return p
+
+    return _job
+
+
+def test_run_job_ok_writes_report(job, tmp_path):
+    job("[run]\nmax_error_rate = 0.5\nbatch_size = 2\n")
+    proc = cli("run", "job.toml", "--report", "r.json", "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["status"] == "succeeded"
+    assert (data["rows_read"], data["rows_written"], data["rows_filtered"], data["rows_rejected"]) == (5, 2, 1, 2)
+    assert data["rows_read"] == data["rows_written"] + data["rows_filtered"] + data["rows_rejected"]
+    assert (tmp_path / "out" / "events.parquet").exists()
+    assert (tmp_path / "out" / "rejects.parquet").exists()
+    assert "Traceback" not in proc.stderr
+
+
+def test_failing_job_exits_1_with_one_line(job, tmp_path):
+    job("[run]\nmax_errors = 1\n")
+    proc = cli("run", "job.toml", "--report", "r.json", "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 1
+    line = one_line_error(proc)
+    assert "error threshold exceeded" in line and "max_errors=1" in line and "out/rejects.parquet" in line
+    assert json.loads((tmp_path / "r.json").read_text())["status"] == "failed"
+    assert not (tmp_path / "out" / "events.parquet").exists()
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ("[run]\nbogus_key = 1\n", "bogus_key"),
+    ("[sink2]\npath = 'x'\n", "sink2"),
+])
+def test_unknown_key_exits_2_naming_it(job, tmp_path, extra, needle):
+    job(extra)
+    proc = cli("run", "job.toml", "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert needle in one_line_error(proc)
+
+
+def test_bad_type_name_exits_2_naming_it(job, tmp_path):
+    job(source='path = "in.csv"\nschema = { id = "int65" }')
+    proc = cli("run", "job.toml", "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 2
+    line = one_line_error(proc)
+    assert "int65" in line and "`id`" in line
+
+
+def test_missing_source_file_fails_naming_it(job, tmp_path):
+    job(source='path = "nope.csv"')
+    proc = cli("run", "job.toml", "--no-progress", cwd=tmp_path)
+    assert proc.returncode in (1, 2)
+    assert "nope.csv" in one_line_error(proc)
+
+
+def test_missing_job_file_exits_2(tmp_path):
+    proc = cli("run", "missing.toml", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "missing.toml" in one_line_error(proc)
+
+
+def test_bad_sql_in_job_exits_2(job, tmp_path):
+    p = job()
+    p.write_text(p.read_text().replace('filter = "country <> \'XX\'"', 'filter = "country <>>> ("'))
+    proc = cli("run", "job.toml", "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "not a valid SQL expression" in one_line_error(proc)
+
+
+def test_debug_shows_traceback(job, tmp_path):
+    job(source='path = "nope.csv"')
+    proc = cli("run", "job.toml", "--no-progress", "--debug", cwd=tmp_path)
+    assert proc.returncode in (1, 2)
+    assert "Traceback" in proc.stderr
+
+
+def test_usage_error_exits_2(tmp_path):
+    proc = cli("frobnicate", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+
+
+def test_demo_runs_and_prints_duckdb_output(tmp_path):
+    proc = cli("demo", "--out", str(tmp_path / "demo"), "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "DuckDB: revenue per category" in proc.stdout
+    assert "DuckDB: rejected rows by stage" in proc.stdout
+    assert "PURCHASE" in proc.stdout
+    assert "validate" in proc.stdout and "parse" in proc.stdout
+    assert (tmp_path / "demo" / "events.parquet").exists()

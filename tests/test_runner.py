@@ -1,0 +1,115 @@
+"""Runner: error thresholds, rejects on failure, report contents."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+
+import colbatch as cb
+from tests.conftest import assert_accounting, make_frame
+
+
+def _dirty(n: int = 1000, every: int = 10) -> pl.DataFrame:
+    return pl.DataFrame({"id": list(range(n)), "amount": [-1.0 if i % every == 0 else 1.0 for i in range(n)]})
+
+
+def test_max_errors_aborts_with_counts_threshold_and_rejects_path(tmp_path):
+    rej = tmp_path / "rejects.parquet"
+    out = tmp_path / "o.parquet"
+    with pytest.raises(cb.ErrorThresholdExceeded) as info:
+        (cb.from_arrow(_dirty()).validate("amount > 0", name="pos").sink_parquet(out).sink_rejects(rej)
+         .run(progress=False, max_errors=5, max_error_rate=None, batch_size=100))
+    msg = str(info.value)
+    assert "max_errors=5" in msg
+    assert "rows rejected" in msg
+    assert str(rej) in msg
+    assert not out.exists()
+    assert rej.exists()  # rejects are published even when the run fails
+    written = pl.read_parquet(rej)
+    assert written.height >= 6
+    assert set(written["_stage"]) == {"validate"}
+    report = info.value.report
+    assert report.status == "failed"
+    assert report.rows_rejected == written.height
+
+
+def test_max_error_rate_aborts_at_end(tmp_path):
+    rej = tmp_path / "rejects.csv"
+    with pytest.raises(cb.ErrorThresholdExceeded) as info:
+        (cb.from_arrow(_dirty(50, every=2)).validate("amount > 0", name="pos")
+         .sink_parquet(tmp_path / "o.parquet").sink_rejects(rej).run(progress=False, max_error_rate=0.1))
+    msg = str(info.value)
+    assert "25 of 50 rows rejected" in msg
+    assert "max_error_rate=0.1" in msg
+    assert str(rej) in msg
+    assert rej.exists()
+    assert not (tmp_path / "o.parquet").exists()
+
+
+def test_default_error_rate_is_ten_percent(tmp_path):
+    ok = cb.from_arrow(_dirty(1000, every=20)).validate("amount > 0").foreach_batch(lambda d: None).run(progress=False)
+    assert ok.rows_rejected == 50
+    with pytest.raises(cb.ErrorThresholdExceeded, match="report.rejects"):
+        cb.from_arrow(_dirty(1000, every=5)).validate("amount > 0").foreach_batch(lambda d: None).run(progress=False)
+
+
+def test_raise_on_error_false_returns_failed_report(tmp_path):
+    report = (cb.from_arrow(_dirty()).validate("amount > 0").foreach_batch(lambda d: None)
+              .run(progress=False, max_errors=1, raise_on_error=False))
+    assert report.status == "failed"
+    assert "max_errors=1" in report.error
+    assert report.to_dict()["error_type"] == "ErrorThresholdExceeded"
+
+
+def test_unknown_run_option_is_config_error():
+    with pytest.raises(cb.ConfigError, match="unknown run option"):
+        cb.from_arrow(make_frame(3)).foreach_batch(lambda d: None).run(bogus=1)
+
+
+REPORT_KEYS = {"status", "error", "rows_read", "rows_written", "rows_filtered", "rows_rejected", "elapsed_s",
+               "peak_rss_bytes", "stages", "bottleneck"}
+
+
+def test_report_json_keys(tmp_path):
+    report = (cb.from_arrow(_dirty(1000, every=50)).validate("amount > 0", name="pos").filter("id < 900")
+              .sink_parquet(tmp_path / "o.parquet").run(progress=False, batch_size=100))
+    assert_accounting(report)
+    path = tmp_path / "r.json"
+    report.save_json(path)
+    data = json.loads(path.read_text())
+    assert REPORT_KEYS <= set(data)
+    assert data["status"] == "succeeded" and data["error"] is None
+    assert data["rows_read"] == 1000
+    assert data["rows_rejected"] == 20
+    assert data["rows_filtered"] == 1000 - 900 - 2  # ids 900 and 950 were already rejected
+    assert data["rows_written"] == 1000 - 20 - data["rows_filtered"]
+    assert data["peak_rss_bytes"] > 0
+    assert data["elapsed_s"] >= 0
+    for st in data["stages"]:
+        assert {"busy_s", "wait_s"} <= set(st), st
+    assert [s["name"] for s in data["stages"]][0] == "read"
+    assert [s["name"] for s in data["stages"]][-1] == "write"
+    assert "verdict" in data["bottleneck"]
+    assert data["outputs"] == [str(tmp_path / "o.parquet")]
+
+
+def test_summary_and_html_contain_counts(tmp_path):
+    report = (cb.from_arrow(_dirty(1234, every=10)).validate("amount > 0", name="pos")
+              .foreach_batch(lambda d: None).run(progress=False, max_error_rate=None))
+    text = report.summary()
+    html = report._repr_html_()
+    for needle in ("1,234", "1,110", "124"):
+        assert needle in text
+        assert needle in html
+    assert "validate 124" in text
+    assert str(report) == text
+
+
+def test_report_rejects_frame_keeps_first_thousand():
+    report = (cb.from_arrow(_dirty(5000, every=2)).validate("amount > 0")
+              .foreach_batch(lambda d: None).run(progress=False, max_error_rate=None, batch_size=500))
+    assert report.rows_rejected == 2500
+    assert report.rejects.height == 1000
+    assert report.rejects.columns[:5] == ["_source", "_line", "_stage", "_reason", "_raw"]
