@@ -67,8 +67,8 @@ def _fail(exc: BaseException, debug: bool, code: int, prefix: str = "") -> int:
         traceback.print_exc()
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     print(f"colbatch: error: {prefix}{message}", file=sys.stderr)
-    if not debug:
-        print("colbatch: run with --debug for details", file=sys.stderr) if prefix else None
+    if prefix and not debug:
+        print("colbatch: run with --debug for details", file=sys.stderr)
     return code
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
+
+from colbatch.schema import cast_with_rejects
 
 if TYPE_CHECKING:
     from colbatch.sinks.base import Sink
@@ -45,6 +47,29 @@ def reject_frame(
     text = values.select(pl.all().cast(pl.String) if _castable(values) else [_as_text(c) for c in values.columns])
     text = text.select([c for c in text.columns if not c.startswith("_")])
     return pl.concat([head, text], how="horizontal")
+
+
+def cast_or_reject(
+    df: pl.DataFrame,
+    schema: Mapping[str, pl.DataType],
+    *,
+    source: str,
+    lines: np.ndarray,
+    on_reject: Callable[[pl.DataFrame], None],
+) -> tuple[pl.DataFrame, np.ndarray]:
+    """Cast `df` to `schema`; rows with values that do not fit go to `on_reject` with stage `cast`.
+
+    `lines` holds the line (or row index) of each row of `df`. Returns the
+    cast good rows and their lines.
+    """
+    cast, reasons = cast_with_rejects(df, schema)
+    if reasons is None:
+        return cast, lines
+    bad = reasons.is_not_null()
+    mask = bad.to_numpy()
+    on_reject(reject_frame(source=source, lines=lines[mask], stage="cast",
+                           reasons=reasons.filter(bad), values=df.filter(bad)))
+    return cast.filter(~bad), lines[~mask]
 
 
 def _castable(df: pl.DataFrame) -> bool:

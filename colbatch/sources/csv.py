@@ -23,8 +23,8 @@ import polars as pl
 
 from colbatch.batch import Batch, Split
 from colbatch.errors import ConfigError, SourceError
-from colbatch.rejects import reject_frame
-from colbatch.schema import align, cast_with_rejects, infer_text_types, parse_schema
+from colbatch.rejects import cast_or_reject, reject_frame
+from colbatch.schema import align, infer_text_types, parse_schema
 from colbatch.sources.base import ReadNotes, RejectFn, Source
 from colbatch.sources.files import expand_paths, file_splits, open_stream, read_exact, read_failure
 
@@ -294,16 +294,8 @@ class CsvSource(Source):
         except pl.exceptions.PolarsError as exc:
             raise SourceError(f"cannot read `{path}` near line {good_lines[0]}: {exc}", path=path) from exc
         lines = np.asarray(good_lines, dtype=np.int64)
-        cast, reasons = cast_with_rejects(df, types)
-        if reasons is not None:
-            bad = reasons.is_not_null()
-            on_reject(reject_frame(source=path, lines=lines[bad.to_numpy()], stage="cast",
-                                   reasons=reasons.filter(bad), values=df.filter(bad)))
-            cast = cast.filter(~bad)
-            lines = lines[~bad.to_numpy()]
-            rejected = len(bad_lines) + int(bad.sum())
-        else:
-            rejected = len(bad_lines)
+        cast, lines = cast_or_reject(df, types, source=path, lines=lines, on_reject=on_reject)
+        rejected = len(bad_lines) + len(good_lines) - len(lines)
         return cast, rejected, (lambda pos, _l=lines: _l[pos])
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 
 from colbatch.batch import Batch, Split
 from colbatch.errors import ConfigError, SourceError
-from colbatch.rejects import reject_frame
-from colbatch.schema import align, cast_with_rejects, parse_schema
+from colbatch.rejects import cast_or_reject
+from colbatch.schema import align, parse_schema
 from colbatch.sources.base import ReadNotes, RejectFn, Source
 
 
@@ -117,16 +118,9 @@ class IterableSource(Source):
         if extra:
             self.notes.warnings.append(f"schema drift: `{self.label}` yielded unknown columns {extra} (dropped)")
             df = df.drop(extra)
-        cast, reasons = cast_with_rejects(df, self._schema)
-        if reasons is None:
-            return align(cast, self._schema), 0
-        import numpy as np
-
-        bad = reasons.is_not_null()
-        positions = np.flatnonzero(bad.to_numpy())
-        on_reject(reject_frame(source=self.label, lines=positions + first_row, stage="cast",
-                               reasons=reasons.filter(bad), values=df.filter(bad)))
-        return align(cast.filter(~bad), self._schema), len(positions)
+        rows = np.arange(first_row, first_row + df.height, dtype=np.int64)
+        cast, kept = cast_or_reject(df, self._schema, source=self.label, lines=rows, on_reject=on_reject)
+        return align(cast, self._schema), df.height - len(kept)
 
 
 def arrow_source(data: pa.Table | pa.RecordBatchReader | pa.RecordBatch | pl.DataFrame) -> IterableSource:

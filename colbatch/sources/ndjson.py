@@ -12,8 +12,8 @@ import polars as pl
 
 from colbatch.batch import Batch, Split
 from colbatch.errors import ConfigError
-from colbatch.rejects import reject_frame
-from colbatch.schema import align, cast_with_rejects, infer_text_types, parse_schema
+from colbatch.rejects import cast_or_reject, reject_frame
+from colbatch.schema import align, infer_text_types, parse_schema
 from colbatch.sources.base import ReadNotes, RejectFn, Source
 from colbatch.sources.csv import DEFAULT_INFER_BYTES, _blocks
 from colbatch.sources.files import expand_paths, file_splits, open_stream, read_exact, read_failure
@@ -161,14 +161,6 @@ class NdjsonSource(Source):
         loose = align(loose.with_columns([pl.col(c).cast(pl.String) for c, t in loose.schema.items() if t == pl.Null]),
                       {c: loose.schema.get(c, pl.String()) for c in self._schema})
         lines_arr = np.asarray(good_lines, dtype=np.int64)
-        cast, reasons = cast_with_rejects(loose, self._schema)
-        rejected = len(bad_lines)
-        if reasons is not None:
-            bad = reasons.is_not_null()
-            mask = bad.to_numpy()
-            on_reject(reject_frame(source=path, lines=lines_arr[mask], stage="cast",
-                                   reasons=reasons.filter(bad), values=loose.filter(bad)))
-            cast = cast.filter(~bad)
-            lines_arr = lines_arr[~mask]
-            rejected += int(mask.sum())
+        cast, lines_arr = cast_or_reject(loose, self._schema, source=path, lines=lines_arr, on_reject=on_reject)
+        rejected = len(bad_lines) + len(good_lines) - len(lines_arr)
         return align(cast, self._schema), rejected, (lambda pos, _l=lines_arr: _l[pos])

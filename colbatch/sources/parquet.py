@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.ipc as ipc
@@ -12,10 +13,10 @@ import pyarrow.parquet as pq
 
 from colbatch.batch import Batch, Split
 from colbatch.errors import ConfigError
-from colbatch.schema import align, cast_with_rejects, parse_schema
+from colbatch.schema import align, parse_schema
 from colbatch.sources.base import ReadNotes, RejectFn, Source
 from colbatch.sources.files import expand_paths, file_splits, read_failure
-from colbatch.rejects import reject_frame
+from colbatch.rejects import cast_or_reject
 
 
 class _ArrowFileSource(Source):
@@ -90,18 +91,10 @@ class _ArrowFileSource(Source):
             raise read_failure(path, exc) from exc
 
     def _conform(self, df: pl.DataFrame, path: str, first_row: int, on_reject: RejectFn):
-        cast, reasons = cast_with_rejects(df, {c: t for c, t in self._schema.items() if c in df.columns})
-        rejected = 0
-        if reasons is not None:
-            bad = reasons.is_not_null()
-            import numpy as np
-
-            positions = np.flatnonzero(bad.to_numpy())
-            on_reject(reject_frame(source=path, lines=positions + first_row, stage="cast",
-                                   reasons=reasons.filter(bad), values=df.filter(bad)))
-            cast = cast.filter(~bad)
-            rejected = len(positions)
-        return align(cast, self._schema), rejected
+        schema = {c: t for c, t in self._schema.items() if c in df.columns}
+        rows = np.arange(first_row, first_row + df.height, dtype=np.int64)
+        cast, kept = cast_or_reject(df, schema, source=path, lines=rows, on_reject=on_reject)
+        return align(cast, self._schema), df.height - len(kept)
 
 
 class ParquetSource(_ArrowFileSource):
