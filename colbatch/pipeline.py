@@ -11,6 +11,7 @@ from typing import Any, Literal
 import polars as pl
 
 from colbatch.errors import ColbatchError, ConfigError
+from colbatch.ledger import JobIdentity, digest
 from colbatch.rejects import DEFAULT_KEEP_REJECTS, RejectCollector
 from colbatch.report import Report
 from colbatch.runner import RunOptions, Runner, check_accounting
@@ -27,6 +28,7 @@ from colbatch.steps import (
     make_select,
     make_validate,
     make_with_columns,
+    step_definition,
 )
 
 log = logging.getLogger("colbatch")
@@ -138,12 +140,26 @@ class Pipeline:
             schema = step.output_schema(schema)
         return schema
 
-    def run(self, *, raise_on_error: bool = True, **options: Any) -> Report:
+    def job_identity(self) -> JobIdentity:
+        """The job's name for ledgers: its output, and a fingerprint of its definition."""
+        assert self.sink is not None
+        definition = {
+            "source": self.source.describe(),
+            "splits": [s.id for s in self.source.splits()],
+            "schema": {k: str(v) for k, v in self.source.schema.items()},
+            "steps": [step_definition(s) for s in self.steps],
+            "sink": self.sink.describe(),
+        }
+        return JobIdentity(job_id=digest(self.sink.describe()), fingerprint=digest(definition), description=definition)
+
+    def run(self, *, raise_on_error: bool = True, resume: bool = False, **options: Any) -> Report:
         """Run the job and return its Report.
 
         Options given here override `with_options`. When the run fails the
         error is raised with the report attached as `error.report`, unless
         `raise_on_error=False`, in which case the failed report is returned.
+        With `resume=True`, work an interrupted run of the same job committed
+        (per the sink's ledger) is skipped, so the output holds every row once.
         """
         pipeline = self.with_options(**options) if options else self
         if pipeline.sink is None:
@@ -151,7 +167,9 @@ class Pipeline:
         report = Report(source=pipeline.source.describe(), sink=pipeline.sink.describe())
         collector = RejectCollector(pipeline.rejects_sink, columns=list(pipeline.source.schema),
                                     keep=DEFAULT_KEEP_REJECTS)
-        runner = Runner(pipeline.source, pipeline.steps, pipeline.sink, collector, pipeline.options)
+        job = pipeline.job_identity() if pipeline.sink.supports_resume else None
+        runner = Runner(pipeline.source, pipeline.steps, pipeline.sink, collector, pipeline.options,
+                        job=job, resume=resume)
         try:
             runner.run(report)
             report.status = "succeeded"

@@ -31,6 +31,8 @@ class Report:
     rows_written: int = 0
     rows_filtered: int = 0
     rows_rejected: int = 0
+    # Source records whose output an earlier, interrupted run committed (skipped by resume).
+    rows_resumed: int = 0
     rejects_by_stage: dict[str, int] = field(default_factory=dict)
     elapsed_s: float = 0.0
     peak_rss_bytes: int = 0
@@ -67,6 +69,7 @@ class Report:
             "rows_written": self.rows_written,
             "rows_filtered": self.rows_filtered,
             "rows_rejected": self.rows_rejected,
+            "rows_resumed": self.rows_resumed,
             "rejects_by_stage": dict(self.rejects_by_stage),
             "elapsed_s": round(self.elapsed_s, 4),
             "peak_rss_bytes": self.peak_rss_bytes,

@@ -14,6 +14,7 @@ import polars as pl
 
 from colbatch.batch import Batch
 from colbatch.errors import ColbatchError, ErrorThresholdExceeded
+from colbatch.ledger import Committed, JobIdentity
 from colbatch.metrics import ByteQueue, MemorySampler, StageMetrics
 from colbatch.rejects import RejectCollector, reject_frame
 from colbatch.report import Report, bottleneck
@@ -63,8 +64,11 @@ class Runner:
     """Runs one source through steps into one sink, rejects to a collector; produces a Report."""
 
     def __init__(self, source: Source, steps: Sequence[Step], sink: Sink, rejects: RejectCollector,
-                 options: RunOptions) -> None:
+                 options: RunOptions, *, job: JobIdentity | None = None, resume: bool = False) -> None:
         self.source = source
+        self.job = job
+        self.resume = resume
+        self.committed = Committed()
         self.steps = list(steps)
         self.sink = sink
         self.rejects = rejects
@@ -88,7 +92,10 @@ class Runner:
         rows = self.options.batch_rows()
         try:
             for split in self.source.splits():
-                it = self.source.read(split, batch_rows=rows, on_reject=self._on_reject)
+                skip = self.committed.skip_for(split.id)
+                if skip is None:
+                    continue
+                it = self.source.read(split, batch_rows=rows, on_reject=self._on_reject, skip_rows=skip)
                 while True:
                     t0 = time.perf_counter()
                     batch = next(it, None)
@@ -199,6 +206,9 @@ class Runner:
         ]
         committed = False
         try:
+            if self.job is not None:
+                self.committed = self.sink.begin(self.job, resume=self.resume)
+                report.rows_resumed = self.committed.rows
             self.rejects.open()
             schema = self.source.schema
             for step in self.steps:
@@ -237,6 +247,7 @@ class Runner:
 
     def _write_loop(self, inp: ByteQueue, progress) -> None:
         stage = self.write_stage
+        split, split_rows = None, 0
         while True:
             t0 = time.perf_counter()
             batch = inp.get(self._stop)
@@ -244,8 +255,15 @@ class Runner:
             if batch is None:
                 if self._errors:
                     raise self._errors[0]
+                if split is not None:
+                    self.sink.split_done(split, split_rows)
                 return
             t1 = time.perf_counter()
+            if batch.split != split:
+                if split is not None:
+                    self.sink.split_done(split, split_rows)
+                split, split_rows = batch.split, self.committed.skip_for(batch.split.id) or 0
+            split_rows += batch.rows_read
             self.sink.write(batch)
             stage.busy_s += time.perf_counter() - t1
             stage.rows_in += batch.num_rows

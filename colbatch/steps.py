@@ -9,7 +9,7 @@ are compiled with `pl.sql_expr`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import polars as pl
@@ -195,3 +195,27 @@ def make_cast(dtypes: Mapping[str, Any], name: str = "") -> Cast:
 def _label(value: Any) -> str:
     text = value if isinstance(value, str) else str(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def step_definition(step: Step) -> dict[str, Any]:
+    """A JSON-able description of a step for job fingerprints (expressions as text, functions by name)."""
+    out: dict[str, Any] = {"kind": step.kind}
+    for f in fields(step):
+        if f.name in ("kind", "needs_rows"):
+            continue
+        out[f.name] = _definition_of(getattr(step, f.name))
+    return out
+
+
+def _definition_of(value: Any) -> Any:
+    if isinstance(value, pl.Expr):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _definition_of(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_definition_of(v) for v in value]
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '?')}:{value.__qualname__}"
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return str(value)

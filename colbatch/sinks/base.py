@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from colbatch.batch import Batch
+from colbatch.batch import Batch, Split
+from colbatch.ledger import Committed, JobIdentity
 
 TMP_SUFFIX = ".colbatch-tmp"
 
@@ -32,9 +33,27 @@ class Sink(ABC):
         commit(): once, after the last write; publishes atomically (temp file,
             fsync, rename) and returns what was published.
         abort(error): instead of commit, on failure; removes temp files; never raises.
+
+    Resume (optional; see `colbatch.ledger`): `begin(job, resume=)` runs before
+    `open` and returns what is already committed for the job; the runner then
+    sends only rows after that. Batches of one split arrive in `first_row`
+    order, splits one after another; `split_done(split, rows)` follows the last
+    batch of each split that had any batch, with the split's total source
+    records. A sink that supports resume commits some units before `commit()`
+    (a part file per split, a database transaction per batch) and records each
+    in its ledger atomically with the data.
     """
 
     name: str = "sink"
+    # True when the sink keeps a ledger, so `begin(resume=True)` can return committed work.
+    supports_resume: bool = False
+
+    def begin(self, job: JobIdentity, *, resume: bool) -> Committed:
+        """Before `open`: with `resume`, return the committed work of `job` (raise CheckpointError on mismatch)."""
+        return Committed()
+
+    def split_done(self, split: Split, rows: int) -> None:
+        """After the last batch of `split`: `rows` source records of it are now written (not yet committed)."""
 
     @abstractmethod
     def open(self, schema: pl.Schema) -> None:
