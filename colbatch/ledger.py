@@ -14,11 +14,15 @@ reads the others from `skip_rows = rows`, and never sends a sink a row twice.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from colbatch.errors import CheckpointError
 
 # Bump when the ledger's JSON shape changes incompatibly; older ledgers then refuse to resume.
 LEDGER_VERSION = 1
@@ -92,3 +96,73 @@ def digest(value: Any) -> str:
     """A short stable hash of a JSON-able value."""
     blob = json.dumps(value, sort_keys=True, default=str, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class FileLedger:
+    """The JSON ledger of a file output, plus the lock that keeps two runs off one output.
+
+    The ledger is rewritten atomically (temp file, fsync, rename) after every
+    committed unit, so a reader of it sees the state before or after a unit,
+    never half of one. The lock is an `flock` on a side file: the kernel drops
+    it when the process dies, so a killed run never leaves a stale lock.
+    """
+
+    def __init__(self, path: str, lock_path: str, *, output: str) -> None:
+        self.path = path
+        self.lock_path = lock_path
+        self.output = output
+        self._lock_fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the output's lock or fail at once naming the output."""
+        os.makedirs(os.path.dirname(os.path.abspath(self.lock_path)), exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise CheckpointError(f"output `{self.output}` is locked by another running job; wait for it to "
+                                  f"finish (lock file `{self.lock_path}`)", path=self.output) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        """Drop the lock (the file stays; removing it would race with the next run)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def load(self) -> dict[str, Any] | None:
+        """The ledger's content, or None when there is none; a malformed ledger raises CheckpointError."""
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"ledger `{self.path}` cannot be read: {exc}; delete it and run with --overwrite",
+                                  path=self.path) from exc
+        required = {"version": int, "job_id": str, "fingerprint": str, "finished": bool, "splits": dict,
+                    "units": list}
+        bad = [k for k, t in required.items() if not isinstance(data.get(k) if isinstance(data, dict) else None, t)]
+        if bad or data.get("version") != LEDGER_VERSION:
+            raise CheckpointError(f"ledger `{self.path}` is not a colbatch ledger of version {LEDGER_VERSION} "
+                                  f"(bad keys: {', '.join(bad) or 'version'}); delete it and run with --overwrite",
+                                  path=self.path)
+        return data
+
+    def save(self, data: dict[str, Any]) -> None:
+        """Replace the ledger atomically."""
+        from colbatch.sinks.base import publish, temp_path  # sinks.base imports this module
+
+        tmp = temp_path(self.path)
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump({"version": LEDGER_VERSION, **data}, fh, indent=1, sort_keys=True, default=str)
+        publish(tmp, self.path)
+
+
+def refusal(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """Which parts of a job definition changed, for the refusal to resume."""
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return ", ".join(f"`{k}`" for k in changed) or "the definition"

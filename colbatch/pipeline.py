@@ -145,14 +145,15 @@ class Pipeline:
         assert self.sink is not None
         definition = {
             "source": self.source.describe(),
-            "splits": [s.id for s in self.source.splits()],
+            "splits": [[s.id, s.size_bytes] for s in self.source.splits()],
             "schema": {k: str(v) for k, v in self.source.schema.items()},
             "steps": [step_definition(s) for s in self.steps],
             "sink": self.sink.describe(),
         }
         return JobIdentity(job_id=digest(self.sink.describe()), fingerprint=digest(definition), description=definition)
 
-    def run(self, *, raise_on_error: bool = True, resume: bool = False, **options: Any) -> Report:
+    def run(self, *, raise_on_error: bool = True, resume: bool = False, overwrite: bool = False,
+            **options: Any) -> Report:
         """Run the job and return its Report.
 
         Options given here override `with_options`. When the run fails the
@@ -160,6 +161,8 @@ class Pipeline:
         `raise_on_error=False`, in which case the failed report is returned.
         With `resume=True`, work an interrupted run of the same job committed
         (per the sink's ledger) is skipped, so the output holds every row once.
+        A job whose output already holds its complete result does nothing
+        (`report.skipped`) unless `overwrite=True`.
         """
         pipeline = self.with_options(**options) if options else self
         if pipeline.sink is None:
@@ -167,9 +170,9 @@ class Pipeline:
         report = Report(source=pipeline.source.describe(), sink=pipeline.sink.describe())
         collector = RejectCollector(pipeline.rejects_sink, columns=list(pipeline.source.schema),
                                     keep=DEFAULT_KEEP_REJECTS)
-        job = pipeline.job_identity() if pipeline.sink.supports_resume else None
+        job = pipeline.job_identity() if pipeline.sink.supports_resume and pipeline.source.stable else None
         runner = Runner(pipeline.source, pipeline.steps, pipeline.sink, collector, pipeline.options,
-                        job=job, resume=resume)
+                        job=job, resume=resume, overwrite=overwrite)
         try:
             runner.run(report)
             report.status = "succeeded"
@@ -183,7 +186,7 @@ class Pipeline:
             if raise_on_error or not isinstance(exc, Exception):
                 raise
         finally:
-            report.warnings = list(pipeline.source.notes.warnings)
+            report.warnings = [*report.warnings, *pipeline.source.notes.warnings]
         check_accounting(report)
         if report.rows_rejected:
             log.warning("%d rows rejected (%s)", report.rows_rejected,

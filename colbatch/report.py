@@ -33,6 +33,8 @@ class Report:
     rows_rejected: int = 0
     # Source records whose output an earlier, interrupted run committed (skipped by resume).
     rows_resumed: int = 0
+    # True when the output already held this job's complete result, so nothing ran.
+    skipped: bool = False
     rejects_by_stage: dict[str, int] = field(default_factory=dict)
     elapsed_s: float = 0.0
     peak_rss_bytes: int = 0
@@ -70,6 +72,7 @@ class Report:
             "rows_filtered": self.rows_filtered,
             "rows_rejected": self.rows_rejected,
             "rows_resumed": self.rows_resumed,
+            "skipped": self.skipped,
             "rejects_by_stage": dict(self.rejects_by_stage),
             "elapsed_s": round(self.elapsed_s, 4),
             "peak_rss_bytes": self.peak_rss_bytes,

@@ -64,10 +64,12 @@ class Runner:
     """Runs one source through steps into one sink, rejects to a collector; produces a Report."""
 
     def __init__(self, source: Source, steps: Sequence[Step], sink: Sink, rejects: RejectCollector,
-                 options: RunOptions, *, job: JobIdentity | None = None, resume: bool = False) -> None:
+                 options: RunOptions, *, job: JobIdentity | None = None, resume: bool = False,
+                 overwrite: bool = False) -> None:
         self.source = source
         self.job = job
         self.resume = resume
+        self.overwrite = overwrite
         self.committed = Committed()
         self.steps = list(steps)
         self.sink = sink
@@ -193,7 +195,18 @@ class Runner:
     # -- main -------------------------------------------------------------------------------
 
     def run(self, report: Report) -> None:
-        """Run to completion (or failure), filling `report`; raises the first error."""
+        """Run to completion (or failure), filling `report`; raises the first error.
+
+        A job whose output already holds its complete result is not run again
+        (unless `overwrite`): the report says so and nothing is read or written.
+        """
+        if self.job is not None and not self.overwrite and self.sink.finished(self.job):
+            report.skipped = True
+            report.warnings.append(f"{self.sink.describe()} already holds the complete output of this job; "
+                                   "nothing was run (run with overwrite to run it again)")
+            log.warning("%s", report.warnings[-1])
+            report.stages = [self.read_stage, *self.step_stages, self.write_stage]
+            return
         o = self.options
         read_q = ByteQueue(o.queue_items, o.queue_bytes)
         write_q = ByteQueue(o.queue_items, o.queue_bytes)

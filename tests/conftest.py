@@ -33,6 +33,16 @@ def no_temp_files(root: Path) -> list[str]:
     return [str(p) for p in root.rglob("*") if p.name.endswith(".colbatch-tmp")]
 
 
+def is_bookkeeping(path: Path) -> bool:
+    """colbatch's own ledger and lock files, which are not output data."""
+    return path.name.endswith((".colbatch.json", "colbatch-lock"))
+
+
+def data_files(root: Path) -> list[Path]:
+    """Output data files under `root` (no temp, ledger or lock files)."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and not is_bookkeeping(p))
+
+
 def make_frame(n: int = N_ROWS) -> pl.DataFrame:
     """The logical dataset: id int64, amount float64 (some <= 0), type str."""
     ids = list(range(1, n + 1))

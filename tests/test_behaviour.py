@@ -6,7 +6,7 @@ import polars as pl
 import pytest
 
 import colbatch as cb
-from tests.conftest import assert_accounting, make_frame, no_temp_files, sorted_rows
+from tests.conftest import assert_accounting, data_files, make_frame, no_temp_files, sorted_rows
 
 
 def _collect(pipeline: cb.Pipeline, **run) -> tuple[cb.Report, pl.DataFrame]:
@@ -103,7 +103,7 @@ def test_sink_abort_leaves_no_file(sink_case, how):
         sink_case.attach(pipeline).run(progress=False, batch_size=100, **run)
     assert no_temp_files(sink_case.target) == []
     if sink_case.kind != "foreach_batch":
-        published = [p for p in sink_case.target.rglob("*") if p.is_file()]
+        published = data_files(sink_case.target)
         assert published == []
 
 
@@ -124,8 +124,7 @@ def test_named_sink_abort_leaves_no_file(kind, tmp_path):
     }[kind]
     with pytest.raises(RuntimeError, match="boom"):
         target(pipeline).run(progress=False, batch_size=100)
-    files = [p for p in out.rglob("*") if p.is_file()] if out.exists() else []
-    assert files == []
+    assert (data_files(out) if out.exists() else []) == []
 
 
 def test_foreach_batch_abort_raises_and_reports(tmp_path):

@@ -52,6 +52,10 @@ class Sink(ABC):
         """Before `open`: with `resume`, return the committed work of `job` (raise CheckpointError on mismatch)."""
         return Committed()
 
+    def finished(self, job: JobIdentity) -> bool:
+        """True when this output already holds the complete, committed result of this same job."""
+        return False
+
     def split_done(self, split: Split, rows: int) -> None:
         """After the last batch of `split`: `rows` source records of it are now written (not yet committed)."""
 

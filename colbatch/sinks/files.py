@@ -1,9 +1,16 @@
 """File sinks: Parquet, CSV (optionally gzip/zstd) and JSONL; one file or a directory of parts.
 
 A path with a file suffix gives one file; any other path is a directory that
-receives one deterministic part file per split (`part-00000.parquet`, ...).
-Everything is written under hidden temp names and published on commit by
-fsync + rename, so readers never see a partial file.
+receives deterministic part files, one or more per split
+(`part-00000-0000.parquet`: split 0, its first part). Everything is written
+under hidden temp names and published by fsync + rename, so readers never see
+a partial file.
+
+Resume: the sink keeps a JSON ledger beside its output (`colbatch.ledger`).
+In directory mode each part is a commit unit: it is published as soon as it
+is full (`part_rows`) or its split ends, then recorded in the ledger, so a
+killed run redoes at most the part it was writing. A single file is one unit,
+published and recorded on commit.
 """
 
 from __future__ import annotations
@@ -15,10 +22,12 @@ from typing import Any, Literal
 
 import polars as pl
 
-from colbatch.batch import Batch
-from colbatch.errors import ConfigError, SinkError
+from colbatch import faults
+from colbatch.batch import Batch, Split
+from colbatch.errors import CheckpointError, ConfigError, SinkError
+from colbatch.ledger import Committed, FileLedger, JobIdentity, SplitState, refusal
 from colbatch.schema import align
-from colbatch.sinks.base import Sink, SinkResult, publish, remove_quietly, temp_path
+from colbatch.sinks.base import TMP_SUFFIX, Sink, SinkResult, publish, remove_quietly, temp_path
 from colbatch.sinks.stream import PolarsStreamWriter
 from colbatch.steps import ROW_COL
 
@@ -31,6 +40,12 @@ FILE_SUFFIXES = {
     "ndjson": (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz", ".jsonl.zst", ".json"),
 }
 PART_SUFFIX = {"parquet": ".parquet", "csv": ".csv", "ndjson": ".jsonl"}
+# Rows per part file in directory mode. A part is the unit a resumed run redoes, so it
+# bounds lost work (~1M rows is seconds of work) while keeping files big enough for readers.
+DEFAULT_PART_ROWS = 1_000_000
+# Hidden, so readers that expand a directory (Polars, DuckDB globs) see only data files.
+LEDGER_NAME = ".colbatch.json"
+LOCK_NAME = ".colbatch-lock"
 
 
 def format_of(path: str) -> Format | None:
@@ -56,18 +71,85 @@ class FileSinkOptions:
 class FileSink(Sink):
     """Writes batches to a Parquet/CSV/JSONL file or a directory of part files, atomically."""
 
-    def __init__(self, path: str | os.PathLike, *, format: Format, options: FileSinkOptions | None = None) -> None:
+    supports_resume = True
+
+    def __init__(self, path: str | os.PathLike, *, format: Format, options: FileSinkOptions | None = None,
+                 part_rows: int = DEFAULT_PART_ROWS) -> None:
         self.path = os.fspath(path)
         self.format = format
         self.name = format
         self.options = options or FileSinkOptions()
+        self.part_rows = part_rows
         self.single = format_of(self.path) is not None or self.path.endswith(PART_SUFFIX[format])
         self._schema: pl.Schema | None = None
         self._writer: PolarsStreamWriter | None = None
-        self._split: int | None = None
         self._pending: list[tuple[str, str]] = []
         self._rows = 0
-        self._split_rows: dict[int, int] = {}
+        # The unit being written: its split, first source record, end record, output rows.
+        self._unit: dict[str, Any] | None = None
+        self._ledger: FileLedger | None = None
+        self._job: JobIdentity | None = None
+        self._units: list[dict[str, Any]] = []
+        self._done: Committed = Committed()
+        if self.single:
+            head, tail = os.path.split(self.path)
+            self._ledger_path = os.path.join(head, f"{tail}.colbatch.json")
+            self._lock_path = os.path.join(head, f".{tail}.colbatch-lock")
+        else:
+            self._ledger_path = os.path.join(self.path, LEDGER_NAME)
+            self._lock_path = os.path.join(self.path, LOCK_NAME)
+
+    # -- ledger -----------------------------------------------------------------------------
+
+    @property
+    def ledger_path(self) -> str:
+        """Where this output's ledger (and manifest of committed files) lives."""
+        return self._ledger_path
+
+    def finished(self, job: JobIdentity) -> bool:
+        """True when the ledger says this same job already completed and its files are all there."""
+        data = FileLedger(self._ledger_path, self._lock_path, output=self.path).load()
+        if data is None or not data["finished"] or data["fingerprint"] != job.fingerprint:
+            return False
+        return all(os.path.exists(self._final(u["file"])) for u in data["units"])
+
+    def begin(self, job: JobIdentity, *, resume: bool) -> Committed:
+        """Lock the output; with `resume`, return what the ledger says is committed."""
+        ledger = FileLedger(self._ledger_path, self._lock_path, output=self.path)
+        ledger.acquire()
+        self._ledger, self._job = ledger, job
+        try:
+            data = ledger.load() if resume else None
+            if data is not None and data["fingerprint"] != job.fingerprint:
+                raise CheckpointError(
+                    f"cannot resume into `{self.path}`: the job changed since its ledger was written "
+                    f"({refusal(data.get('definition', {}), job.description)} differ); run without resume "
+                    f"to start over", path=self.path)
+        except BaseException:
+            self._release()
+            raise
+        if data is None:
+            self._units, self._done = [], Committed()
+        else:
+            self._units = list(data["units"])
+            self._done = Committed.from_json(data)
+            self._done.finished = False
+        return Committed.from_json(self._done.to_json())
+
+    def _save_ledger(self, *, finished: bool = False) -> None:
+        assert self._ledger is not None and self._job is not None
+        self._done.finished = finished
+        self._ledger.save({"job_id": self._job.job_id, "fingerprint": self._job.fingerprint,
+                           "definition": dict(self._job.description), "format": self.format,
+                           "files": [u["file"] for u in self._units], "units": self._units,
+                           **self._done.to_json()})
+
+    def _release(self) -> None:
+        if self._ledger is not None:
+            self._ledger.release()
+
+    def _final(self, name: str) -> str:
+        return self.path if self.single else os.path.join(self.path, name)
 
     def describe(self) -> str:
         """One-line description for reports."""
@@ -101,28 +183,84 @@ class FileSink(Sink):
             raise SinkError(f"cannot create output directory `{target_dir}`: {exc.strerror}", path=target_dir) from exc
         if self.single and os.path.isdir(self.path):
             raise ConfigError(f"sink path `{self.path}` is a directory; give a file name or drop the suffix")
+        if self._ledger is not None:
+            if not self._units:
+                self._save_ledger()  # a fresh run: the old ledger no longer describes the output
+            self._remove_leftovers()
         if self.single:
-            self._start(self.path)
+            self._start(Batch(pl.DataFrame(schema=self._schema), Split(0, "")))
 
-    def _start(self, final: str) -> None:
+    def _remove_leftovers(self) -> None:
+        """Delete temp files of killed runs and, in directory mode, parts the ledger does not list."""
+        if self.single:
+            remove_quietly(temp_path(self.path))
+            return
+        for tmp in glob.glob(os.path.join(glob.escape(self.path), f".*{TMP_SUFFIX}")):
+            remove_quietly(tmp)
+        self._remove_stale({self._final(u["file"]) for u in self._units})
+
+    def _part_name(self, split: Split) -> str:
+        seq = sum(1 for u in self._units if u["split"] == split.id)
+        seq += sum(1 for _tmp, final in self._pending if os.path.basename(final).startswith(f"part-{split.index:05d}-"))
+        return f"part-{split.index:05d}-{seq:04d}{PART_SUFFIX[self.format]}"
+
+    def _start(self, batch: Batch) -> None:
+        final = self.path if self.single else os.path.join(self.path, self._part_name(batch.split))
         tmp = temp_path(final)
         remove_quietly(tmp)
         assert self._schema is not None
         self._writer = PolarsStreamWriter(tmp, self._schema, self.format, self._writer_options())
-        self._pending.append((tmp, final))
+        self._unit = {"file": os.path.basename(final), "split": batch.split.id, "first_row": batch.first_row,
+                      "end_row": batch.first_row, "rows": 0, "tmp": tmp, "final": final}
 
-    def _finish_current(self) -> None:
-        if self._writer is not None:
-            writer, self._writer = self._writer, None
-            writer.close()
+    def _finish_unit(self, *, complete: bool = False) -> None:
+        """Close the current file; in directory mode with a ledger, publish it and record it."""
+        unit, self._unit = self._unit, None
+        if unit is None:
+            return
+        writer, self._writer = self._writer, None
+        assert writer is not None
+        writer.close()
+        if self.single or self._ledger is None:
+            self._pending.append((unit["tmp"], unit["final"]))
+            self._record(unit, complete)
+            return
+        faults.point("before-publish")
+        publish(unit["tmp"], unit["final"])
+        faults.point("before-ledger")
+        self._record(unit, complete)
+        self._save_ledger()
+        faults.point("after-ledger")
+
+    def _record(self, unit: dict[str, Any], complete: bool) -> None:
+        self._units.append({k: unit[k] for k in ("file", "split", "first_row", "end_row", "rows")})
+        if not self.single:
+            state = self._done.splits.setdefault(unit["split"], SplitState())
+            state.rows = unit["end_row"]
+            state.complete = complete
+
+    def split_done(self, split: Split, rows: int) -> None:
+        """The split ended: its last part is complete (published now in directory mode)."""
+        if self._unit is not None and self._unit["split"] == split.id and not self.single:
+            self._unit["end_row"] = rows
+            self._finish_unit(complete=True)
+        elif self.single:
+            state = self._done.splits.setdefault(split.id, SplitState())
+            state.rows, state.complete = rows, True
 
     def write(self, batch: Batch) -> None:
-        """Send rows to the current file; a new split starts a new part in directory mode."""
+        """Send rows to the current file; in directory mode a new split or a full part starts a new part."""
         assert self._schema is not None
-        if not self.single and batch.split.index != self._split:
-            self._finish_current()
-            self._split = batch.split.index
-            self._start(os.path.join(self.path, f"part-{batch.split.index:05d}{PART_SUFFIX[self.format]}"))
+        unit = self._unit
+        if unit is not None and not self.single and (unit["split"] != batch.split.id or unit["rows"] >= self.part_rows):
+            self._finish_unit()
+            unit = None
+        if unit is None:
+            self._start(batch)
+            unit = self._unit
+            assert unit is not None
+        if not self.single:
+            unit["end_row"] = batch.first_row + batch.rows_read
         df = batch.data
         if df.schema != self._schema:
             df = align(df.select([c for c in df.columns if c in self._schema]), self._schema)
@@ -131,18 +269,28 @@ class FileSink(Sink):
             assert self._writer is not None
             self._writer.write(df)
             self._rows += df.height
+            unit["rows"] += df.height
 
     def commit(self) -> SinkResult:
-        """Finish files, then publish each by fsync + rename; stale parts of older runs are removed."""
-        self._finish_current()
-        files, size = [], 0
+        """Finish files, publish what is pending by fsync + rename, mark the ledger finished.
+
+        Stale parts of older runs are removed. The output's files are all the
+        ledger's units (including those a resumed run committed earlier).
+        """
+        self._finish_unit()
         for tmp, final in self._pending:
-            size += publish(tmp, final)
-            files.append(final)
-        if not self.single:
-            self._remove_stale(set(files))
+            faults.point("before-publish")
+            publish(tmp, final)
         self._pending = []
-        return SinkResult(rows=self._rows, files=files, bytes=size, target=self.path)
+        if self._ledger is not None:
+            faults.point("before-ledger")
+            self._save_ledger(finished=True)
+            self._release()
+        finals = sorted({self._final(u["file"]) for u in self._units}) if self._units else [self.path]
+        if not self.single:
+            self._remove_stale(set(finals))
+        size = sum(os.path.getsize(f) for f in finals if os.path.exists(f))
+        return SinkResult(rows=self._rows, files=finals, bytes=size, target=self.path)
 
     def _remove_stale(self, keep: set[str]) -> None:
         for old in glob.glob(os.path.join(glob.escape(self.path), f"part-*{PART_SUFFIX[self.format]}")):
@@ -154,6 +302,10 @@ class FileSink(Sink):
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
+        if self._unit is not None:
+            remove_quietly(self._unit["tmp"])
+            self._unit = None
         for tmp, _final in self._pending:
             remove_quietly(tmp)
         self._pending = []
+        self._release()

@@ -33,6 +33,9 @@ class Source(ABC):
 
     name: str = "source"
     notes: ReadNotes
+    # True when the same source reads the same rows on every run (files, tables), so a
+    # ledger can name committed work; in-memory data and one-shot iterators are not.
+    stable: bool = True
 
     @property
     @abstractmethod

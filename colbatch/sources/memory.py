@@ -40,6 +40,7 @@ class IterableSource(Source):
     """One split fed by an iterator factory; re-iterable when given a callable or a re-iterable object."""
 
     name = "iterator"
+    stable = False
 
     def __init__(
         self,

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import colbatch as cb
-from tests.conftest import assert_accounting, make_frame, no_temp_files
+from tests.conftest import assert_accounting, data_files, make_frame, no_temp_files
 
 
 def test_parquet_default_compression_is_zstd(tmp_path):
@@ -95,11 +95,11 @@ def test_directory_mode_part_names_deterministic(tmp_path):
     out = tmp_path / "out"
     names = []
     for _ in range(2):
-        report = cb.scan_csv(d).sink_parquet(out).run(progress=False, batch_size=50)
+        report = cb.scan_csv(d).sink_parquet(out).run(progress=False, batch_size=50, overwrite=True)
         assert_accounting(report)
-        names.append(sorted(p.name for p in out.iterdir()))
-    assert names[0] == names[1] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
-    assert pl.read_parquet(out / "part-00001.parquet")["id"].to_list() == list(range(301, 601))
+        names.append([p.name for p in data_files(out)])
+    assert names[0] == names[1] == ["part-00000-0000.parquet", "part-00001-0000.parquet", "part-00002-0000.parquet"]
+    assert pl.read_parquet(out / "part-00001-0000.parquet")["id"].to_list() == list(range(301, 601))
 
 
 def test_rerun_replaces_single_file_output(tmp_path):
@@ -116,7 +116,7 @@ def test_rerun_replaces_directory_output_and_removes_stale_parts(tmp_path):
     cb.scan_csv(d).sink_parquet(out).run(progress=False)
     os.remove(d / "f2.csv")
     cb.scan_csv(d).sink_parquet(out).run(progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+    assert [p.name for p in data_files(out)] == ["part-00000-0000.parquet", "part-00001-0000.parquet"]
     assert pl.read_parquet(out).height == 600
 
 
