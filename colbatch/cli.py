@@ -20,6 +20,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("job", help="path to the job file")
     run.add_argument("--report", metavar="PATH", help="write the run report as JSON")
     run.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
+    run.add_argument("--resume", action="store_true",
+                     help="continue an interrupted run: skip the work its output's ledger lists as committed")
+    run.add_argument("--overwrite", action="store_true",
+                     help="run even when the output already holds this job's complete result")
     run.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     demo = sub.add_parser("demo", help="run a job on the bundled sample data and query its output")
     demo.add_argument("--out", default="out/demo", help="output directory (default: out/demo)")
@@ -78,7 +82,7 @@ def _run(args: argparse.Namespace) -> int:
     pipeline = load_job(args.job)
     if args.no_progress:
         pipeline = pipeline.with_options(progress=False)
-    report = pipeline.run(raise_on_error=False)
+    report = pipeline.run(raise_on_error=False, resume=args.resume, overwrite=args.overwrite)
     if args.report:
         report.save_json(args.report)
     print(report.summary())

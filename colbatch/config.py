@@ -130,19 +130,23 @@ def _sink(pipeline: Pipeline, sink: Any) -> Pipeline:
     if not isinstance(sink, Mapping) or "path" not in sink:
         raise ConfigError("the job file needs a `[sink]` table with a `path`")
     _check_keys(sink, ("path", "format", "compression", "compression_level", "row_group_size", "partition_by",
-                       "separator"), "[sink]")
+                       "separator", "part_rows"), "[sink]")
     path = str(sink["path"])
     if path.startswith(("postgresql://", "postgres://")):
         raise ConfigError("PostgreSQL sinks are not supported yet by this version of colbatch")
     fmt = sink.get("format") or format_of(path) or "parquet"
+    if "part_rows" in sink and not (isinstance(sink["part_rows"], int) and sink["part_rows"] > 0):
+        raise ConfigError(f"`sink.part_rows` must be a positive row count, got {sink['part_rows']!r}",
+                          value=sink["part_rows"])
     if fmt == "parquet":
-        opts = {k: sink[k] for k in ("compression", "compression_level", "row_group_size", "partition_by") if k in sink}
+        opts = {k: sink[k] for k in ("compression", "compression_level", "row_group_size", "partition_by", "part_rows")
+                if k in sink}
         return pipeline.sink_parquet(path, **opts)
     if fmt == "csv":
-        opts = {k: sink[k] for k in ("compression", "separator") if k in sink}
+        opts = {k: sink[k] for k in ("compression", "separator", "part_rows") if k in sink}
         return pipeline.sink_csv(path, **opts)
     if fmt in ("jsonl", "ndjson"):
-        return pipeline.sink_ndjson(path, **({"compression": sink["compression"]} if "compression" in sink else {}))
+        return pipeline.sink_ndjson(path, **{k: sink[k] for k in ("compression", "part_rows") if k in sink})
     raise ConfigError(f"`sink.format` {fmt!r} is not supported; valid formats: parquet, csv, jsonl", value=fmt)
 
 

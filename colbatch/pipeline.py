@@ -17,7 +17,7 @@ from colbatch.report import Report
 from colbatch.runner import RunOptions, Runner, check_accounting
 from colbatch.sinks.base import Sink
 from colbatch.sinks.callable import DEFAULT_BACKOFF_S, DEFAULT_RETRIES, CallableSink
-from colbatch.sinks.files import FileSink, FileSinkOptions, format_of
+from colbatch.sinks.files import DEFAULT_PART_ROWS, FileSink, FileSinkOptions, format_of
 from colbatch.sinks.partitioned import PartitionedParquetSink
 from colbatch.sources.base import Source
 from colbatch.steps import (
@@ -90,26 +90,33 @@ class Pipeline:
         return replace(self, sink=sink)
 
     def sink_parquet(self, path: str | os.PathLike, *, compression: str = "zstd", compression_level: int | None = None,
-                     row_group_size: int | None = None, partition_by: Sequence[str] | str | None = None) -> Pipeline:
-        """Write Parquet: one file (`out.parquet`), a directory of parts, or hive partitions."""
+                     row_group_size: int | None = None, partition_by: Sequence[str] | str | None = None,
+                     part_rows: int = DEFAULT_PART_ROWS) -> Pipeline:
+        """Write Parquet: one file (`out.parquet`), a directory of parts, or hive partitions.
+
+        In directory mode a part holds at most `part_rows` rows and is the unit a resumed run redoes.
+        """
         if partition_by:
             keys = [partition_by] if isinstance(partition_by, str) else list(partition_by)
             return self._sink(PartitionedParquetSink(path, partition_by=keys, compression=compression,
                                                      row_group_size=row_group_size))
         opts = FileSinkOptions(compression=compression, compression_level=compression_level,
                                row_group_size=row_group_size)
-        return self._sink(FileSink(path, format="parquet", options=opts))
+        return self._sink(FileSink(path, format="parquet", options=opts, part_rows=part_rows))
 
     def sink_csv(self, path: str | os.PathLike, *, separator: str = ",", include_header: bool = True,
-                 compression: Literal["gzip", "zstd", "uncompressed"] | None = None) -> Pipeline:
-        """Write CSV; `.csv.gz` / `.csv.zst` paths are compressed."""
+                 compression: Literal["gzip", "zstd", "uncompressed"] | None = None,
+                 part_rows: int = DEFAULT_PART_ROWS) -> Pipeline:
+        """Write CSV; `.csv.gz` / `.csv.zst` paths are compressed; a directory gets parts of `part_rows` rows."""
         opts = FileSinkOptions(compression=compression, separator=separator, include_header=include_header)
-        return self._sink(FileSink(path, format="csv", options=opts))
+        return self._sink(FileSink(path, format="csv", options=opts, part_rows=part_rows))
 
     def sink_ndjson(self, path: str | os.PathLike, *,
-                    compression: Literal["gzip", "zstd", "uncompressed"] | None = None) -> Pipeline:
-        """Write JSON Lines; `.jsonl.gz` paths are compressed."""
-        return self._sink(FileSink(path, format="ndjson", options=FileSinkOptions(compression=compression)))
+                    compression: Literal["gzip", "zstd", "uncompressed"] | None = None,
+                    part_rows: int = DEFAULT_PART_ROWS) -> Pipeline:
+        """Write JSON Lines; `.jsonl.gz` paths are compressed; a directory gets parts of `part_rows` rows."""
+        return self._sink(FileSink(path, format="ndjson", options=FileSinkOptions(compression=compression),
+                                   part_rows=part_rows))
 
     def foreach_batch(self, fn: Callable[[pl.DataFrame], Any], *, retries: int = DEFAULT_RETRIES,
                       backoff_s: float = DEFAULT_BACKOFF_S) -> Pipeline:
@@ -168,10 +175,12 @@ class Pipeline:
         if pipeline.sink is None:
             raise ConfigError("the pipeline has no sink; call .sink_parquet/.sink_csv/.sink_ndjson/.foreach_batch first")
         report = Report(source=pipeline.source.describe(), sink=pipeline.sink.describe())
-        collector = RejectCollector(pipeline.rejects_sink, columns=list(pipeline.source.schema),
+        sink = pipeline.sink.fresh()
+        rejects_sink = pipeline.rejects_sink.fresh() if pipeline.rejects_sink is not None else None
+        collector = RejectCollector(rejects_sink, columns=list(pipeline.source.schema),
                                     keep=DEFAULT_KEEP_REJECTS)
-        job = pipeline.job_identity() if pipeline.sink.supports_resume and pipeline.source.stable else None
-        runner = Runner(pipeline.source, pipeline.steps, pipeline.sink, collector, pipeline.options,
+        job = pipeline.job_identity() if sink.supports_resume and pipeline.source.stable else None
+        runner = Runner(pipeline.source, pipeline.steps, sink, collector, pipeline.options,
                         job=job, resume=resume, overwrite=overwrite)
         try:
             runner.run(report)

@@ -12,6 +12,7 @@ from typing import Literal
 
 import polars as pl
 
+from colbatch import faults
 from colbatch.batch import Batch
 from colbatch.errors import ColbatchError, ErrorThresholdExceeded
 from colbatch.ledger import Committed, JobIdentity
@@ -278,6 +279,7 @@ class Runner:
                 split, split_rows = batch.split, self.committed.skip_for(batch.split.id) or 0
             split_rows += batch.rows_read
             self.sink.write(batch)
+            faults.point("after-write")
             stage.busy_s += time.perf_counter() - t1
             stage.rows_in += batch.num_rows
             stage.rows_out += batch.num_rows

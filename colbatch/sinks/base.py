@@ -79,6 +79,14 @@ class Sink(ABC):
         """One-line description for reports."""
         return self.name
 
+    def fresh(self) -> Sink:
+        """The sink to use for one run: one Pipeline can run any number of times.
+
+        The default is the sink itself, for sinks whose `open` resets all run
+        state; sinks with more state return a new instance with the same settings.
+        """
+        return self
+
 
 def temp_path(final: str) -> str:
     """Deterministic hidden temp name beside `final`, so readers' globs never match it."""

@@ -43,9 +43,7 @@ PART_SUFFIX = {"parquet": ".parquet", "csv": ".csv", "ndjson": ".jsonl"}
 # Rows per part file in directory mode. A part is the unit a resumed run redoes, so it
 # bounds lost work (~1M rows is seconds of work) while keeping files big enough for readers.
 DEFAULT_PART_ROWS = 1_000_000
-# Hidden, so readers that expand a directory (Polars, DuckDB globs) see only data files.
-LEDGER_NAME = ".colbatch.json"
-LOCK_NAME = ".colbatch-lock"
+LEDGER_SUFFIX = ".colbatch.json"
 
 
 def format_of(path: str) -> Format | None:
@@ -91,13 +89,15 @@ class FileSink(Sink):
         self._job: JobIdentity | None = None
         self._units: list[dict[str, Any]] = []
         self._done: Committed = Committed()
-        if self.single:
-            head, tail = os.path.split(self.path)
-            self._ledger_path = os.path.join(head, f"{tail}.colbatch.json")
-            self._lock_path = os.path.join(head, f".{tail}.colbatch-lock")
-        else:
-            self._ledger_path = os.path.join(self.path, LEDGER_NAME)
-            self._lock_path = os.path.join(self.path, LOCK_NAME)
+        # Beside the output (`out.parquet.colbatch.json`, `out.colbatch.json` for a directory
+        # `out/`), so readers that expand the output directory see only data files.
+        head, tail = os.path.split(os.path.normpath(self.path))
+        self._ledger_path = os.path.join(head, f"{tail}{LEDGER_SUFFIX}")
+        self._lock_path = os.path.join(head, f".{tail}.colbatch-lock")
+
+    def fresh(self) -> FileSink:
+        """A new sink with the same settings and no run state."""
+        return FileSink(self.path, format=self.format, options=self.options, part_rows=self.part_rows)
 
     # -- ledger -----------------------------------------------------------------------------
 
@@ -202,7 +202,12 @@ class FileSink(Sink):
     def _part_name(self, split: Split) -> str:
         seq = sum(1 for u in self._units if u["split"] == split.id)
         seq += sum(1 for _tmp, final in self._pending if os.path.basename(final).startswith(f"part-{split.index:05d}-"))
-        return f"part-{split.index:05d}-{seq:04d}{PART_SUFFIX[self.format]}"
+        return f"part-{split.index:05d}-{seq:04d}{self._part_suffix()}"
+
+    def _part_suffix(self) -> str:
+        """`.parquet`, `.csv`, `.csv.gz`, `.jsonl.zst`, ...: compressed text parts say so."""
+        compression = self.options.compression if self.format != "parquet" else None
+        return PART_SUFFIX[self.format] + {"gzip": ".gz", "zstd": ".zst"}.get(compression or "", "")
 
     def _start(self, batch: Batch) -> None:
         final = self.path if self.single else os.path.join(self.path, self._part_name(batch.split))
@@ -220,7 +225,11 @@ class FileSink(Sink):
             return
         writer, self._writer = self._writer, None
         assert writer is not None
-        writer.close()
+        try:
+            writer.close()
+        except BaseException:
+            remove_quietly(unit["tmp"])
+            raise
         if self.single or self._ledger is None:
             self._pending.append((unit["tmp"], unit["final"]))
             self._record(unit, complete)
@@ -293,7 +302,7 @@ class FileSink(Sink):
         return SinkResult(rows=self._rows, files=finals, bytes=size, target=self.path)
 
     def _remove_stale(self, keep: set[str]) -> None:
-        for old in glob.glob(os.path.join(glob.escape(self.path), f"part-*{PART_SUFFIX[self.format]}")):
+        for old in glob.glob(os.path.join(glob.escape(self.path), f"part-*{self._part_suffix()}")):
             if old not in keep:
                 remove_quietly(old)
 

@@ -48,6 +48,11 @@ class PartitionedParquetSink(Sink):
         self._split: int | None = None
         self._rows = 0
 
+    def fresh(self) -> PartitionedParquetSink:
+        """A new sink with the same settings and no run state."""
+        return PartitionedParquetSink(self.path, partition_by=self.partition_by, compression=self.compression,
+                                      row_group_size=self.row_group_size)
+
     def describe(self) -> str:
         """One-line description for reports."""
         return f"parquet {self.path} partitioned by {', '.join(self.partition_by)}"
