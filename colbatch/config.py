@@ -130,7 +130,7 @@ def _sink(pipeline: Pipeline, sink: Any) -> Pipeline:
     if not isinstance(sink, Mapping) or "path" not in sink:
         raise ConfigError("the job file needs a `[sink]` table with a `path`")
     _check_keys(sink, ("path", "format", "compression", "compression_level", "row_group_size", "partition_by",
-                       "separator", "part_rows"), "[sink]")
+                       "separator", "part_rows", "escape_formulas"), "[sink]")
     path = str(sink["path"])
     if path.startswith(("postgresql://", "postgres://")):
         raise ConfigError("PostgreSQL sinks are not supported yet by this version of colbatch")
@@ -143,7 +143,7 @@ def _sink(pipeline: Pipeline, sink: Any) -> Pipeline:
                 if k in sink}
         return pipeline.sink_parquet(path, **opts)
     if fmt == "csv":
-        opts = {k: sink[k] for k in ("compression", "separator", "part_rows") if k in sink}
+        opts = {k: sink[k] for k in ("compression", "separator", "part_rows", "escape_formulas") if k in sink}
         return pipeline.sink_csv(path, **opts)
     if fmt in ("jsonl", "ndjson"):
         return pipeline.sink_ndjson(path, **{k: sink[k] for k in ("compression", "part_rows") if k in sink})

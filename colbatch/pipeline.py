@@ -106,9 +106,14 @@ class Pipeline:
 
     def sink_csv(self, path: str | os.PathLike, *, separator: str = ",", include_header: bool = True,
                  compression: Literal["gzip", "zstd", "uncompressed"] | None = None,
-                 part_rows: int = DEFAULT_PART_ROWS) -> Pipeline:
-        """Write CSV; `.csv.gz` / `.csv.zst` paths are compressed; a directory gets parts of `part_rows` rows."""
-        opts = FileSinkOptions(compression=compression, separator=separator, include_header=include_header)
+                 part_rows: int = DEFAULT_PART_ROWS, escape_formulas: bool = False) -> Pipeline:
+        """Write CSV; `.csv.gz` / `.csv.zst` paths are compressed; a directory gets parts of `part_rows` rows.
+
+        With `escape_formulas=True`, text cells starting with `= + - @`, tab or CR get a leading `'`
+        so spreadsheet programs show them instead of evaluating them (CSV formula injection).
+        """
+        opts = FileSinkOptions(compression=compression, separator=separator, include_header=include_header,
+                               escape_formulas=escape_formulas)
         return self._sink(FileSink(path, format="csv", options=opts, part_rows=part_rows))
 
     def sink_ndjson(self, path: str | os.PathLike, *,

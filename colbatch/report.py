@@ -35,6 +35,8 @@ class Report:
     rows_resumed: int = 0
     # True when the output already held this job's complete result, so nothing ran.
     skipped: bool = False
+    # Transient failures that were retried (each is also logged).
+    retries: int = 0
     rejects_by_stage: dict[str, int] = field(default_factory=dict)
     elapsed_s: float = 0.0
     peak_rss_bytes: int = 0
@@ -73,6 +75,7 @@ class Report:
             "rows_rejected": self.rows_rejected,
             "rows_resumed": self.rows_resumed,
             "skipped": self.skipped,
+            "retries": self.retries,
             "rejects_by_stage": dict(self.rejects_by_stage),
             "elapsed_s": round(self.elapsed_s, 4),
             "peak_rss_bytes": self.peak_rss_bytes,

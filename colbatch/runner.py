@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import sys
 import threading
 import time
@@ -21,6 +22,7 @@ from colbatch.rejects import RejectCollector, reject_frame
 from colbatch.report import Report, bottleneck
 from colbatch.sinks.base import Sink
 from colbatch.sources.base import Source
+from colbatch.sources.files import is_transient
 from colbatch.steps import ROW_COL, Step
 
 log = logging.getLogger("colbatch")
@@ -35,6 +37,11 @@ DEFAULT_QUEUE_BYTES = 256 << 20
 # A job that rejects over 10% of its rows is nearly always misconfigured (wrong
 # separator or schema), not merely dirty; stop it rather than write a broken output.
 DEFAULT_MAX_ERROR_RATE = 0.1
+# Transient read failures (EIO, timeouts, connection loss) are retried this often; a
+# failure that persists over ~15 s of backoff is not transient.
+DEFAULT_READ_RETRIES = 4
+# First retry delay; doubled per attempt, with jitter so parallel jobs do not retry in step.
+DEFAULT_RETRY_BACKOFF_S = 1.0
 # During a run the error rate is judged only after this many rows, so one early bad
 # row cannot abort it; at the end it is judged on all rows.
 DEFAULT_RATE_MIN_ROWS = 100
@@ -49,6 +56,8 @@ class RunOptions:
     max_errors: int | None = None
     memory_limit: int | None = None
     progress: bool | None = None
+    read_retries: int = DEFAULT_READ_RETRIES
+    retry_backoff_s: float = DEFAULT_RETRY_BACKOFF_S
     queue_items: int = DEFAULT_QUEUE_ITEMS
     queue_bytes: int = DEFAULT_QUEUE_BYTES
 
@@ -84,6 +93,7 @@ class Runner:
         self._needs_rows = any(s.needs_rows for s in self.steps)
         self._batches = 0
         self._lock = threading.Lock()
+        self.retries = 0
 
     # -- threads ----------------------------------------------------------------------------
 
@@ -99,12 +109,24 @@ class Runner:
                 if skip is None:
                     continue
                 it = self.source.read(split, batch_rows=rows, on_reject=self._on_reject, skip_rows=skip)
+                failures = 0
                 while True:
                     t0 = time.perf_counter()
-                    batch = next(it, None)
+                    try:
+                        batch = next(it, None)
+                    except Exception as exc:
+                        stage.busy_s += time.perf_counter() - t0
+                        failures += 1
+                        if not is_transient(exc) or failures > self.options.read_retries:
+                            raise
+                        # Re-open the split after the records already delivered: none twice, none lost.
+                        self._retry_wait(split, exc, failures)
+                        it = self.source.read(split, batch_rows=rows, on_reject=self._on_reject, skip_rows=skip)
+                        continue
                     stage.busy_s += time.perf_counter() - t0
                     if batch is None:
                         break
+                    skip = batch.first_row + batch.rows_read
                     with self._lock:
                         stage.rows_in += batch.rows_read
                         stage.rows_out += batch.num_rows
@@ -120,6 +142,15 @@ class Runner:
             self._fail(exc)
         finally:
             out.put(None, 0, self._stop)
+
+    def _retry_wait(self, split, exc: BaseException, attempt: int) -> None:
+        delay = backoff_delay(self.options.retry_backoff_s, attempt)
+        with self._lock:
+            self.retries += 1
+        log.warning("transient read failure on `%s` (attempt %d of %d, retrying in %.2fs): %s",
+                    split.path or split.id, attempt, self.options.read_retries, delay, exc)
+        if self._stop.wait(delay):
+            raise _Stop()
 
     def _transform(self, inp: ByteQueue, out: ByteQueue) -> None:
         try:
@@ -301,8 +332,15 @@ class Runner:
         report.memory_samples = sampler.samples
         report.batch_rows = self.options.batch_rows()
         report.batches = self._batches
+        report.retries = self.retries + self.sink.retried
         report.rejects = self.rejects.frame()
         report.bottleneck = bottleneck(report.stages, report.elapsed_s, source=report.source, sink=report.sink)
+
+
+def backoff_delay(base_s: float, attempt: int) -> float:
+    """Exponential backoff with full jitter: uniform in [base/2, base] * 2**(attempt-1)."""
+    ceiling = base_s * (2 ** (attempt - 1))
+    return ceiling * (0.5 + random.random() / 2)
 
 
 def _progress(total_bytes: int | None, enabled: bool | None):

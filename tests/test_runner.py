@@ -113,3 +113,54 @@ def test_report_rejects_frame_keeps_first_thousand():
     assert report.rows_rejected == 2500
     assert report.rejects.height == 1000
     assert report.rejects.columns[:5] == ["_source", "_line", "_stage", "_reason", "_raw"]
+
+
+class _FlakyPages:
+    """An API-like source: the first `failures` attempts lose the connection after two pages."""
+
+    def __init__(self, failures: int, exc: type[Exception] = ConnectionResetError) -> None:
+        self.failures = failures
+        self.exc = exc
+        self.attempts = 0
+
+    def __call__(self):
+        self.attempts += 1
+        attempt = self.attempts
+        for page in range(10):
+            if page == 2 and attempt <= self.failures:
+                raise self.exc("connection reset by peer")
+            yield {"page": [page] * 50, "item": list(range(page * 50, page * 50 + 50))}
+
+
+def test_transient_read_failures_are_retried_without_losing_or_repeating_rows(tmp_path):
+    pages = _FlakyPages(failures=2)
+    report = (cb.from_batches(pages).sink_parquet(tmp_path / "o.parquet")
+              .run(progress=False, retry_backoff_s=0.0))
+    assert_accounting(report)
+    assert report.retries == 2 and pages.attempts == 3
+    assert pl.read_parquet(tmp_path / "o.parquet")["item"].to_list() == list(range(500))
+
+
+def test_data_errors_are_not_retried(tmp_path):
+    pages = _FlakyPages(failures=5, exc=ValueError)
+    with pytest.raises(ValueError):
+        cb.from_batches(pages).sink_parquet(tmp_path / "o.parquet").run(progress=False, retry_backoff_s=0.0)
+    assert pages.attempts == 1
+
+
+def test_persistent_transient_failure_gives_up_after_the_retry_limit(tmp_path):
+    pages = _FlakyPages(failures=100)
+    with pytest.raises(ConnectionResetError):
+        cb.from_batches(pages).sink_parquet(tmp_path / "o.parquet").run(progress=False, retry_backoff_s=0.0,
+                                                                         read_retries=3)
+    assert pages.attempts == 4
+
+
+@pytest.mark.parametrize("attempt", [1, 2, 3, 5])
+def test_backoff_is_exponential_with_jitter_within_bounds(attempt):
+    from colbatch.runner import backoff_delay
+
+    delays = {backoff_delay(0.5, attempt) for _ in range(50)}
+    ceiling = 0.5 * 2 ** (attempt - 1)
+    assert all(ceiling / 2 <= d <= ceiling for d in delays)
+    assert len(delays) > 1  # jittered, not in lock step

@@ -45,6 +45,8 @@ class Sink(ABC):
     """
 
     name: str = "sink"
+    # Transient failures this sink retried during the run (counted in the report).
+    retried: int = 0
     # True when the sink keeps a ledger, so `begin(resume=True)` can return committed work.
     supports_resume: bool = False
 

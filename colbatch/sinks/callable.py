@@ -47,6 +47,7 @@ class CallableSink(Sink):
     def open(self, schema: pl.Schema) -> None:
         """Nothing to prepare."""
         self._rows = 0
+        self.retried = 0
 
     def write(self, batch: Batch) -> None:
         """Call the function, retrying on exceptions."""
@@ -66,6 +67,7 @@ class CallableSink(Sink):
                     ) from exc
                 delay = self.backoff_s * (2 ** attempt) * (0.5 + random.random())
                 log.warning("foreach_batch call failed (%s); retry %d/%d in %.2fs", exc, attempt + 1, self.retries, delay)
+                self.retried += 1
                 self._sleep(delay)
                 attempt += 1
 

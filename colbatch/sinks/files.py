@@ -64,6 +64,8 @@ class FileSinkOptions:
     row_group_size: int | None = None
     separator: str = ","
     include_header: bool = True
+    # Opt-in CSV formula-injection guard: prefix `'` to text cells a spreadsheet would evaluate.
+    escape_formulas: bool = False
 
 
 class FileSink(Sink):
@@ -274,6 +276,8 @@ class FileSink(Sink):
         if df.schema != self._schema:
             df = align(df.select([c for c in df.columns if c in self._schema]), self._schema)
             df = df.cast(dict(self._schema))
+        if self.options.escape_formulas and self.format == "csv":
+            df = escape_formulas(df)
         if df.height:
             assert self._writer is not None
             self._writer.write(df)
@@ -318,3 +322,18 @@ class FileSink(Sink):
             remove_quietly(tmp)
         self._pending = []
         self._release()
+
+
+# Cells starting with these are evaluated as formulas by spreadsheet programs (OWASP CSV injection).
+FORMULA_START = r"^[=+\-@\t\r]"
+
+
+def escape_formulas(df: pl.DataFrame) -> pl.DataFrame:
+    """Prefix `'` to text cells that start like a spreadsheet formula (`= + - @`, tab, CR)."""
+    text = [c for c, t in df.schema.items() if t == pl.String]
+    if not text:
+        return df
+    return df.with_columns(
+        pl.when(pl.col(c).str.contains(FORMULA_START)).then(pl.lit("'") + pl.col(c)).otherwise(pl.col(c)).alias(c)
+        for c in text
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 from urllib.parse import quote
 
@@ -17,6 +18,8 @@ from colbatch.sinks.files import DEFAULT_PARQUET_COMPRESSION
 from colbatch.steps import ROW_COL
 
 NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"
+# Escaped values longer than this become prefix~hash, so `key=value` stays under NAME_MAX (255).
+MAX_VALUE_NAME = 160
 
 
 def partition_dir(value: object) -> str:
@@ -26,6 +29,15 @@ def partition_dir(value: object) -> str:
     text = quote(str(value), safe=" -_,@+~")
     if text == "" or text.startswith("."):
         text = "%2E" + text[1:] if text else "%00"
+    if len(text) > MAX_VALUE_NAME:
+        # File systems cap a name at 255 bytes: keep a readable prefix plus a hash that keeps
+        # distinct values apart. The exact value is in the file's own column.
+        digest = hashlib.sha256(str(value).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        prefix = str(value)[:MAX_VALUE_NAME - 17]
+        while len(quote(prefix, safe=" -_,@+~")) > MAX_VALUE_NAME - 17:
+            prefix = prefix[:-1]  # cut whole characters, never inside an escape or a UTF-8 sequence
+        cut = quote(prefix, safe=" -_,@+~")
+        text = cut + "~" + digest
     return text
 
 
@@ -88,11 +100,13 @@ class PartitionedParquetSink(Sink):
                 os.makedirs(directory, exist_ok=True)
                 final = os.path.join(directory, f"part-{batch.split.index:05d}.parquet")
                 tmp = temp_path(final)
-                table = part.drop(self.partition_by).to_arrow()
+                table = part.to_arrow()
                 writer = pq.ParquetWriter(tmp, table.schema, compression=self.compression)
                 entry = (writer, tmp, final)
                 self._writers[key] = entry
-            table = part.drop(self.partition_by).to_arrow()
+            # Partition columns stay in the file too: directory names cannot hold every value
+            # exactly (length limits), the file can; hive readers take the directory's value.
+            table = part.to_arrow()
             entry[0].write_table(table, row_group_size=self.row_group_size)
             self._rows += part.height
 

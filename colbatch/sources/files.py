@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import glob
 import gzip
 import io
@@ -121,10 +122,25 @@ def open_stream(path: str) -> BinaryIO:
         raise SourceError(f"cannot open `{path}`: {exc.strerror or exc}", path=path) from exc
 
 
+# errno values of failures that may pass when tried again (network file systems, flaky disks).
+TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ECONNRESET,
+                              errno.ECONNABORTED, errno.ENETDOWN, errno.ENETUNREACH, errno.EHOSTUNREACH,
+                              errno.ESTALE, errno.EBUSY})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for I/O failures worth retrying: connection loss, timeouts, EIO; never for bad data or missing files."""
+    if isinstance(exc, SourceError):
+        return bool(getattr(exc, "transient", False))
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    return isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS
+
+
 def read_failure(path: str, exc: BaseException) -> SourceError:
     """The error for a file that cannot be read to its end."""
     detail = str(exc) or type(exc).__name__
-    return SourceError(f"cannot read `{path}`: {detail}", path=path)
+    return SourceError(f"cannot read `{path}`: {detail}", path=path, transient=is_transient(exc))
 
 
 def read_exact(stream: BinaryIO, size: int) -> bytes:
