@@ -11,6 +11,7 @@ from typing import Any
 from colbatch.errors import ConfigError
 from colbatch.io import scan_csv, scan_ipc, scan_ndjson, scan_parquet
 from colbatch.pipeline import Pipeline
+from colbatch.sinks.duckdb_table import DUCKDB_SUFFIXES
 from colbatch.sinks.files import format_of
 from colbatch.sources.files import strip_compression
 
@@ -130,8 +131,10 @@ def _sink(pipeline: Pipeline, sink: Any) -> Pipeline:
     if not isinstance(sink, Mapping) or "path" not in sink:
         raise ConfigError("the job file needs a `[sink]` table with a `path`")
     _check_keys(sink, ("path", "format", "compression", "compression_level", "row_group_size", "partition_by",
-                       "separator"), "[sink]")
+                       "separator", "table", "mode"), "[sink]")
     path = str(sink["path"])
+    if sink.get("format") == "duckdb" or path.lower().endswith(DUCKDB_SUFFIXES):
+        return _duckdb_sink(pipeline, path, sink)
     if path.startswith(("postgresql://", "postgres://")):
         raise ConfigError("PostgreSQL sinks are not supported yet by this version of colbatch")
     fmt = sink.get("format") or format_of(path) or "parquet"
@@ -143,7 +146,18 @@ def _sink(pipeline: Pipeline, sink: Any) -> Pipeline:
         return pipeline.sink_csv(path, **opts)
     if fmt in ("jsonl", "ndjson"):
         return pipeline.sink_ndjson(path, **({"compression": sink["compression"]} if "compression" in sink else {}))
-    raise ConfigError(f"`sink.format` {fmt!r} is not supported; valid formats: parquet, csv, jsonl", value=fmt)
+    raise ConfigError(f"`sink.format` {fmt!r} is not supported; valid formats: parquet, csv, jsonl, duckdb",
+                      value=fmt)
+
+
+def _duckdb_sink(pipeline: Pipeline, path: str, sink: Mapping[str, Any]) -> Pipeline:
+    if "table" not in sink:
+        raise ConfigError(f"`[sink]` with DuckDB database `{path}` needs a `table`")
+    extra = [k for k in sink if k not in ("path", "format", "table", "mode")]
+    if extra:
+        raise ConfigError(f"key `{extra[0]}` does not apply to a DuckDB sink; valid keys: path, table, mode",
+                          key=extra[0])
+    return pipeline.sink_duckdb(path, str(sink["table"]), mode=sink.get("mode", "append"))
 
 
 def _run_options(run: Mapping[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from colbatch.report import Report
 from colbatch.runner import RunOptions, Runner, check_accounting
 from colbatch.sinks.base import Sink
 from colbatch.sinks.callable import DEFAULT_BACKOFF_S, DEFAULT_RETRIES, CallableSink
+from colbatch.sinks.duckdb_table import DuckDBSink
 from colbatch.sinks.files import FileSink, FileSinkOptions, format_of
 from colbatch.sinks.partitioned import PartitionedParquetSink
 from colbatch.sources.base import Source
@@ -113,6 +114,18 @@ class Pipeline:
                       backoff_s: float = DEFAULT_BACKOFF_S) -> Pipeline:
         """Call `fn(df)` for every batch (push to an API or queue), retrying failures with backoff."""
         return self._sink(CallableSink(fn, retries=retries, backoff_s=backoff_s))
+
+    def sink_duckdb(self, path: str | os.PathLike, table: str, *,
+                    mode: Literal["append", "create", "replace"] = "append") -> Pipeline:
+        """Insert into a DuckDB table in one transaction, visible only on commit.
+
+        `mode`: `append` (create the table when missing), `create` (fail when it exists) or
+        `replace` (swap its contents on commit). Any table name is safe: it is quoted.
+
+        Example:
+            >>> cb.scan_csv("data/sample/events.csv").sink_duckdb("out/events.duckdb", "events").run()
+        """
+        return self._sink(DuckDBSink(path, table, mode=mode))
 
     def sink_rejects(self, path: str | os.PathLike) -> Pipeline:
         """Write every rejected row to Parquet or CSV at `path`."""

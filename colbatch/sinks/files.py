@@ -17,6 +17,7 @@ import polars as pl
 
 from colbatch.batch import Batch
 from colbatch.errors import ConfigError, SinkError
+from colbatch.manifest import write_manifest
 from colbatch.schema import align
 from colbatch.sinks.base import Sink, SinkResult, publish, remove_quietly, temp_path
 from colbatch.sinks.stream import PolarsStreamWriter
@@ -139,9 +140,12 @@ class FileSink(Sink):
         for tmp, final in self._pending:
             size += publish(tmp, final)
             files.append(final)
+        self._pending = []
+        # After the parts, before stale parts go: a reader following the manifest sees the old or
+        # the new set of files, never a mix and never a missing file.
+        write_manifest(self.path, format=self.format, files=files, rows=self._rows)
         if not self.single:
             self._remove_stale(set(files))
-        self._pending = []
         return SinkResult(rows=self._rows, files=files, bytes=size, target=self.path)
 
     def _remove_stale(self, keep: set[str]) -> None:

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 
 from colbatch.batch import Batch
 from colbatch.errors import ConfigError, SinkError
+from colbatch.manifest import write_manifest
 from colbatch.schema import align
 from colbatch.sinks.base import Sink, SinkResult, publish, remove_quietly, temp_path
 from colbatch.sinks.files import DEFAULT_PARQUET_COMPRESSION
@@ -99,6 +100,8 @@ class PartitionedParquetSink(Sink):
             size += publish(tmp, final)
             files.append(final)
         self._done = []
+        # Before stale parts go, so a reader following the manifest never meets a missing file.
+        write_manifest(self.path, format="parquet", files=files, partition_by=self.partition_by, rows=self._rows)
         self._remove_stale(set(files))
         return SinkResult(rows=self._rows, files=files, bytes=size, target=self.path)
 
