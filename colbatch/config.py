@@ -54,14 +54,18 @@ def load_job(path: str | os.PathLike) -> Pipeline:
 def build_job(job: Mapping[str, Any]) -> Pipeline:
     """Build a Pipeline from a parsed job mapping."""
     _check_keys(job, TOP_KEYS, "the job file")
-    if "aggregate" in job:
-        raise ConfigError("`[aggregate]` is not supported yet by this version of colbatch")
     pipeline = _source(job.get("source"))
     steps = job.get("steps", [])
     if not isinstance(steps, list):
         raise ConfigError("`steps` must be an array of tables ([[steps]])")
     for i, step in enumerate(steps):
         pipeline = _step(pipeline, step, i)
+    if "aggregate" in job:
+        agg = job["aggregate"]
+        if not isinstance(agg, Mapping) or not isinstance(agg.get("sql"), str):
+            raise ConfigError("`[aggregate]` needs `sql`, a DuckDB query over the table `input`")
+        _check_keys(agg, ("sql",), "[aggregate]")
+        pipeline = pipeline.aggregate(agg["sql"])
     pipeline = _sink(pipeline, job.get("sink"))
     if "rejects" in job:
         rej = job["rejects"]
@@ -161,7 +165,8 @@ def _duckdb_sink(pipeline: Pipeline, path: str, sink: Mapping[str, Any]) -> Pipe
 
 
 def _run_options(run: Mapping[str, Any]) -> dict[str, Any]:
-    _check_keys(run, ("batch_size", "max_error_rate", "max_errors", "memory_limit", "progress"), "[run]")
+    _check_keys(run, ("batch_size", "max_error_rate", "max_errors", "memory_limit", "progress", "threads",
+                      "temp_directory"), "[run]")
     out: dict[str, Any] = {}
     if "batch_size" in run:
         bs = run["batch_size"]
@@ -180,6 +185,13 @@ def _run_options(run: Mapping[str, Any]) -> dict[str, Any]:
         out["max_errors"] = n
     if "memory_limit" in run:
         out["memory_limit"] = parse_size(run["memory_limit"], key="run.memory_limit")
+    if "threads" in run:
+        t = run["threads"]
+        if not isinstance(t, int) or isinstance(t, bool) or t < 1:
+            raise ConfigError(f"`run.threads` must be a positive integer, got {t!r}", value=t)
+        out["threads"] = t
+    if "temp_directory" in run:
+        out["temp_directory"] = str(run["temp_directory"])
     if "progress" in run:
         out["progress"] = bool(run["progress"])
     return out

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import polars as pl
 
+from colbatch.aggregate import AggregateSink, AggregateSpec, aggregate_sql, fill_report
 from colbatch.errors import ColbatchError, ConfigError
 from colbatch.rejects import DEFAULT_KEEP_REJECTS, RejectCollector
 from colbatch.report import Report
@@ -53,6 +54,7 @@ class Pipeline:
     sink: Sink | None = None
     rejects_sink: Sink | None = None
     options: RunOptions = field(default_factory=RunOptions)
+    aggregation: AggregateSpec | None = None
 
     # -- steps ------------------------------------------------------------------------------
 
@@ -82,6 +84,32 @@ class Pipeline:
     def validate(self, rule: pl.Expr | str, *, name: str | None = None) -> Pipeline:
         """Reject rows where `rule` is false or null, with `name` as the reason."""
         return self._add(make_validate(rule, name))
+
+    # -- aggregate --------------------------------------------------------------------------
+
+    def aggregate(self, sql: str | None = None, *, by: Sequence[str] | str | None = None,
+                  aggs: Sequence[pl.Expr | str] | None = None) -> Pipeline:
+        """Aggregate the transformed stream with DuckDB; the result goes to the sink.
+
+        Give DuckDB SQL over the table `input`, or the Polars-shaped `by=` / `aggs=` (simple column
+        aggregations such as `pl.col("x").sum().alias("total")`, `pl.len()`, or SQL strings), which is
+        translated to SQL. DuckDB pulls the stream batch by batch and spills past `memory_limit`
+        (run options `memory_limit`, `threads`, `temp_directory`).
+
+        Example:
+            >>> (cb.scan_csv("data/sample/events.csv")
+            ...    .aggregate(by="type", aggs=[pl.col("amount").sum().alias("total"), pl.len().alias("n")])
+            ...    .sink_parquet("out/totals.parquet").run())
+        """
+        if (sql is None) == (by is None and aggs is None):
+            raise ConfigError("`aggregate` takes either a SQL string or `by=`/`aggs=`, not both and not neither")
+        if self.aggregation is not None:
+            raise ConfigError("the pipeline already has an aggregate stage; combine both into one query")
+        if sql is None:
+            sql = aggregate_sql(by or [], aggs or [])
+        if not isinstance(sql, str) or not sql.strip():
+            raise ConfigError(f"`aggregate` sql must be a non-empty string, got {sql!r}", value=sql)
+        return replace(self, aggregation=AggregateSpec(sql))
 
     # -- sinks ------------------------------------------------------------------------------
 
@@ -135,7 +163,8 @@ class Pipeline:
         return replace(self, rejects_sink=FileSink(path, format=fmt))
 
     def with_options(self, **options: Any) -> Pipeline:
-        """Set run options (`batch_size`, `max_error_rate`, `max_errors`, `memory_limit`, `progress`)."""
+        """Set run options (`batch_size`, `max_error_rate`, `max_errors`, `memory_limit`, `progress`, `threads`,
+        `temp_directory`)."""
         try:
             return replace(self, options=replace(self.options, **options))
         except TypeError as exc:
@@ -149,6 +178,8 @@ class Pipeline:
         schema = self.source.schema
         for step in self.steps:
             schema = step.output_schema(schema)
+        if self.aggregation is not None:
+            schema = self.aggregation.output_schema(schema)
         return schema
 
     def run(self, *, raise_on_error: bool = True, **options: Any) -> Report:
@@ -161,12 +192,21 @@ class Pipeline:
         pipeline = self.with_options(**options) if options else self
         if pipeline.sink is None:
             raise ConfigError("the pipeline has no sink; call .sink_parquet/.sink_csv/.sink_ndjson/.foreach_batch first")
-        report = Report(source=pipeline.source.describe(), sink=pipeline.sink.describe())
+        sink = pipeline.sink
+        if pipeline.aggregation is not None:
+            o = pipeline.options
+            sink = AggregateSink(pipeline.aggregation, sink, memory_limit=o.memory_limit, threads=o.threads,
+                                 temp_directory=o.temp_directory)
+        report = Report(source=pipeline.source.describe(), sink=sink.describe())
         collector = RejectCollector(pipeline.rejects_sink, columns=list(pipeline.source.schema),
                                     keep=DEFAULT_KEEP_REJECTS)
-        runner = Runner(pipeline.source, pipeline.steps, pipeline.sink, collector, pipeline.options)
+        runner = Runner(pipeline.source, pipeline.steps, sink, collector, pipeline.options)
         try:
-            runner.run(report)
+            try:
+                runner.run(report)
+            finally:
+                if isinstance(sink, AggregateSink):
+                    fill_report(report, sink)
             report.status = "succeeded"
         except BaseException as exc:
             report.status = "failed"
