@@ -8,6 +8,14 @@ names is formatted into SQL raw.
 from __future__ import annotations
 
 import duckdb
+import polars as pl
+
+# Partition column types recorded in manifests, so `007` stays text and `1` stays an integer on read.
+_HIVE_TYPES = {
+    pl.Int8: "TINYINT", pl.Int16: "SMALLINT", pl.Int32: "INTEGER", pl.Int64: "BIGINT",
+    pl.UInt8: "UTINYINT", pl.UInt16: "USMALLINT", pl.UInt32: "UINTEGER", pl.UInt64: "UBIGINT",
+    pl.Float32: "FLOAT", pl.Float64: "DOUBLE", pl.String: "VARCHAR", pl.Boolean: "BOOLEAN", pl.Date: "DATE",
+}
 
 
 def quote_ident(name: str) -> str:
@@ -49,3 +57,8 @@ def connect(database: str = ":memory:", *, memory_limit: int | None = None, thre
         con.close()
         raise
     return con
+
+
+def hive_type(dtype: pl.DataType) -> str | None:
+    """DuckDB type for a hive partition column of Polars `dtype`, or None to let DuckDB infer it."""
+    return _HIVE_TYPES.get(dtype.base_type())  # type: ignore[call-overload]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,7 +72,8 @@ def manifest_path(output: str | os.PathLike) -> str:
 
 
 def write_manifest(output: str | os.PathLike, *, format: str, files: Sequence[str],
-                   partition_by: Sequence[str] = (), rows: int = 0) -> str:
+                   partition_by: Sequence[str] = (), partition_types: Mapping[str, str] | None = None,
+                   rows: int = 0) -> str:
     """Atomically write the manifest of `output` (temp file, fsync, rename); returns its path.
 
     Args:
@@ -80,6 +81,7 @@ def write_manifest(output: str | os.PathLike, *, format: str, files: Sequence[st
         format: `parquet`, `csv` or `ndjson`.
         files: The files the commit published (absolute or relative to the current directory).
         partition_by: Hive partition columns.
+        partition_types: DuckDB type of each partition column, for readers (missing ones are inferred).
         rows: Rows written.
     """
     path = manifest_path(output)
@@ -90,6 +92,7 @@ def write_manifest(output: str | os.PathLike, *, format: str, files: Sequence[st
         "format": format,
         "files": [os.path.relpath(os.path.abspath(f), base) for f in files],
         "partition_by": list(partition_by),
+        "partition_types": dict(partition_types or {}),
         "rows": rows,
         "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
