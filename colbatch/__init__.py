@@ -19,12 +19,13 @@ from colbatch.errors import (
 )
 from colbatch.io import from_arrow, from_batches, scan_csv, scan_ipc, scan_ndjson, scan_parquet
 from colbatch.pipeline import Pipeline
+from colbatch.query import Output, open_output
 from colbatch.report import Report
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ColbatchError", "ConfigError", "ErrorThresholdExceeded", "MissingDependencyError",
-    "Pipeline", "Report", "SchemaError", "SinkError", "SourceError", "UdfError",
-    "from_arrow", "from_batches", "scan_csv", "scan_ipc", "scan_ndjson", "scan_parquet",
+    "Output", "Pipeline", "Report", "SchemaError", "SinkError", "SourceError", "UdfError",
+    "from_arrow", "from_batches", "open_output", "scan_csv", "scan_ipc", "scan_ndjson", "scan_parquet",
 ]

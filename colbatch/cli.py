@@ -1,4 +1,4 @@
-"""Command line: `python -m colbatch run JOB.toml | demo | bench core`."""
+"""Command line: `python -m colbatch run JOB.toml | demo | query SQL | bench core|agg`."""
 
 from __future__ import annotations
 
@@ -29,8 +29,17 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="out/demo", help="output directory (default: out/demo)")
     demo.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
     demo.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    query = sub.add_parser("query", help="run DuckDB SQL over committed outputs (each output is a view)")
+    query.add_argument("sql", help="DuckDB SQL; outputs are views named after them (`events` for events.parquet)")
+    query.add_argument("--output", action="append", default=[], metavar="PATH", help="an output to query (repeatable)")
+    query.add_argument("--as", dest="named", action="append", default=[], metavar="NAME=PATH",
+                       help="an output under the view name NAME (repeatable)")
+    query.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table",
+                       help="result format (default: table)")
+    query.add_argument("--to", metavar="FILE", help="write the result to FILE instead of stdout")
+    query.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     bench = sub.add_parser("bench", help="benchmarks against Polars, DuckDB, pyarrow and plain Python")
-    bench.add_argument("suite", choices=["core"], help="which benchmark")
+    bench.add_argument("suite", choices=["core", "agg"], help="which benchmark")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="options of the suite (see `bench core --help`)")
     return parser
 
@@ -52,6 +61,14 @@ def main(argv: list[str] | None = None) -> int:
             from colbatch.demo import run_demo
 
             return run_demo(args.out, progress=not args.no_progress)
+        if args.command == "query":
+            from colbatch.query import query_command
+
+            return query_command(args.sql, outputs=args.output, named=args.named, format=args.format, to=args.to)
+        if args.suite == "agg":
+            from colbatch.bench.agg import main as agg_main
+
+            return agg_main(args.args)
         from colbatch.bench.core import main as bench_main
 
         return bench_main(args.args)

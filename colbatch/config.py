@@ -11,6 +11,7 @@ from typing import Any
 from colbatch.errors import ConfigError
 from colbatch.io import scan_csv, scan_ipc, scan_ndjson, scan_parquet
 from colbatch.pipeline import Pipeline
+from colbatch.sinks.duckdb_table import DUCKDB_SUFFIXES
 from colbatch.sinks.files import format_of
 from colbatch.sources.files import strip_compression
 
@@ -53,14 +54,18 @@ def load_job(path: str | os.PathLike) -> Pipeline:
 def build_job(job: Mapping[str, Any]) -> Pipeline:
     """Build a Pipeline from a parsed job mapping."""
     _check_keys(job, TOP_KEYS, "the job file")
-    if "aggregate" in job:
-        raise ConfigError("`[aggregate]` is not supported yet by this version of colbatch")
     pipeline = _source(job.get("source"))
     steps = job.get("steps", [])
     if not isinstance(steps, list):
         raise ConfigError("`steps` must be an array of tables ([[steps]])")
     for i, step in enumerate(steps):
         pipeline = _step(pipeline, step, i)
+    if "aggregate" in job:
+        agg = job["aggregate"]
+        if not isinstance(agg, Mapping) or not isinstance(agg.get("sql"), str):
+            raise ConfigError("`[aggregate]` needs `sql`, a DuckDB query over the table `input`")
+        _check_keys(agg, ("sql",), "[aggregate]")
+        pipeline = pipeline.aggregate(agg["sql"])
     pipeline = _sink(pipeline, job.get("sink"))
     if "rejects" in job:
         rej = job["rejects"]
@@ -130,8 +135,10 @@ def _sink(pipeline: Pipeline, sink: Any) -> Pipeline:
     if not isinstance(sink, Mapping) or "path" not in sink:
         raise ConfigError("the job file needs a `[sink]` table with a `path`")
     _check_keys(sink, ("path", "format", "compression", "compression_level", "row_group_size", "partition_by",
-                       "separator", "part_rows", "escape_formulas"), "[sink]")
+                       "separator", "part_rows", "escape_formulas", "table", "mode"), "[sink]")
     path = str(sink["path"])
+    if sink.get("format") == "duckdb" or path.lower().endswith(DUCKDB_SUFFIXES):
+        return _duckdb_sink(pipeline, path, sink)
     if path.startswith(("postgresql://", "postgres://")):
         raise ConfigError("PostgreSQL sinks are not supported yet by this version of colbatch")
     fmt = sink.get("format") or format_of(path) or "parquet"
@@ -147,11 +154,23 @@ def _sink(pipeline: Pipeline, sink: Any) -> Pipeline:
         return pipeline.sink_csv(path, **opts)
     if fmt in ("jsonl", "ndjson"):
         return pipeline.sink_ndjson(path, **{k: sink[k] for k in ("compression", "part_rows") if k in sink})
-    raise ConfigError(f"`sink.format` {fmt!r} is not supported; valid formats: parquet, csv, jsonl", value=fmt)
+    raise ConfigError(f"`sink.format` {fmt!r} is not supported; valid formats: parquet, csv, jsonl, duckdb",
+                      value=fmt)
+
+
+def _duckdb_sink(pipeline: Pipeline, path: str, sink: Mapping[str, Any]) -> Pipeline:
+    if "table" not in sink:
+        raise ConfigError(f"`[sink]` with DuckDB database `{path}` needs a `table`")
+    extra = [k for k in sink if k not in ("path", "format", "table", "mode")]
+    if extra:
+        raise ConfigError(f"key `{extra[0]}` does not apply to a DuckDB sink; valid keys: path, table, mode",
+                          key=extra[0])
+    return pipeline.sink_duckdb(path, str(sink["table"]), mode=sink.get("mode", "append"))
 
 
 def _run_options(run: Mapping[str, Any]) -> dict[str, Any]:
-    _check_keys(run, ("batch_size", "max_error_rate", "max_errors", "memory_limit", "progress"), "[run]")
+    _check_keys(run, ("batch_size", "max_error_rate", "max_errors", "memory_limit", "progress", "threads",
+                      "temp_directory"), "[run]")
     out: dict[str, Any] = {}
     if "batch_size" in run:
         bs = run["batch_size"]
@@ -170,6 +189,13 @@ def _run_options(run: Mapping[str, Any]) -> dict[str, Any]:
         out["max_errors"] = n
     if "memory_limit" in run:
         out["memory_limit"] = parse_size(run["memory_limit"], key="run.memory_limit")
+    if "threads" in run:
+        t = run["threads"]
+        if not isinstance(t, int) or isinstance(t, bool) or t < 1:
+            raise ConfigError(f"`run.threads` must be a positive integer, got {t!r}", value=t)
+        out["threads"] = t
+    if "temp_directory" in run:
+        out["temp_directory"] = str(run["temp_directory"])
     if "progress" in run:
         out["progress"] = bool(run["progress"])
     return out

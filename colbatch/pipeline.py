@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import polars as pl
 
+from colbatch.aggregate import AggregateSink, AggregateSpec, aggregate_sql, fill_report
 from colbatch.errors import ColbatchError, ConfigError
 from colbatch.ledger import JobIdentity, digest
 from colbatch.rejects import DEFAULT_KEEP_REJECTS, RejectCollector
@@ -17,6 +18,7 @@ from colbatch.report import Report
 from colbatch.runner import RunOptions, Runner, check_accounting
 from colbatch.sinks.base import Sink
 from colbatch.sinks.callable import DEFAULT_BACKOFF_S, DEFAULT_RETRIES, CallableSink
+from colbatch.sinks.duckdb_table import DuckDBSink
 from colbatch.sinks.files import DEFAULT_PART_ROWS, FileSink, FileSinkOptions, format_of
 from colbatch.sinks.partitioned import PartitionedParquetSink
 from colbatch.sources.base import Source
@@ -54,6 +56,7 @@ class Pipeline:
     sink: Sink | None = None
     rejects_sink: Sink | None = None
     options: RunOptions = field(default_factory=RunOptions)
+    aggregation: AggregateSpec | None = None
 
     # -- steps ------------------------------------------------------------------------------
 
@@ -83,6 +86,32 @@ class Pipeline:
     def validate(self, rule: pl.Expr | str, *, name: str | None = None) -> Pipeline:
         """Reject rows where `rule` is false or null, with `name` as the reason."""
         return self._add(make_validate(rule, name))
+
+    # -- aggregate --------------------------------------------------------------------------
+
+    def aggregate(self, sql: str | None = None, *, by: Sequence[str] | str | None = None,
+                  aggs: Sequence[pl.Expr | str] | None = None) -> Pipeline:
+        """Aggregate the transformed stream with DuckDB; the result goes to the sink.
+
+        Give DuckDB SQL over the table `input`, or the Polars-shaped `by=` / `aggs=` (simple column
+        aggregations such as `pl.col("x").sum().alias("total")`, `pl.len()`, or SQL strings), which is
+        translated to SQL. DuckDB pulls the stream batch by batch and spills past `memory_limit`
+        (run options `memory_limit`, `threads`, `temp_directory`).
+
+        Example:
+            >>> (cb.scan_csv("data/sample/events.csv")
+            ...    .aggregate(by="type", aggs=[pl.col("amount").sum().alias("total"), pl.len().alias("n")])
+            ...    .sink_parquet("out/totals.parquet").run())
+        """
+        if (sql is None) == (by is None and aggs is None):
+            raise ConfigError("`aggregate` takes either a SQL string or `by=`/`aggs=`, not both and not neither")
+        if self.aggregation is not None:
+            raise ConfigError("the pipeline already has an aggregate stage; combine both into one query")
+        if sql is None:
+            sql = aggregate_sql(by or [], aggs or [])
+        if not isinstance(sql, str) or not sql.strip():
+            raise ConfigError(f"`aggregate` sql must be a non-empty string, got {sql!r}", value=sql)
+        return replace(self, aggregation=AggregateSpec(sql))
 
     # -- sinks ------------------------------------------------------------------------------
 
@@ -128,6 +157,18 @@ class Pipeline:
         """Call `fn(df)` for every batch (push to an API or queue), retrying failures with backoff."""
         return self._sink(CallableSink(fn, retries=retries, backoff_s=backoff_s))
 
+    def sink_duckdb(self, path: str | os.PathLike, table: str, *,
+                    mode: Literal["append", "create", "replace"] = "append") -> Pipeline:
+        """Insert into a DuckDB table in one transaction, visible only on commit.
+
+        `mode`: `append` (create the table when missing), `create` (fail when it exists) or
+        `replace` (swap its contents on commit). Any table name is safe: it is quoted.
+
+        Example:
+            >>> cb.scan_csv("data/sample/events.csv").sink_duckdb("out/events.duckdb", "events").run()
+        """
+        return self._sink(DuckDBSink(path, table, mode=mode))
+
     def sink_rejects(self, path: str | os.PathLike) -> Pipeline:
         """Write every rejected row to Parquet or CSV at `path`."""
         fmt = format_of(os.fspath(path))
@@ -136,7 +177,8 @@ class Pipeline:
         return replace(self, rejects_sink=FileSink(path, format=fmt))
 
     def with_options(self, **options: Any) -> Pipeline:
-        """Set run options (`batch_size`, `max_error_rate`, `max_errors`, `memory_limit`, `progress`)."""
+        """Set run options (`batch_size`, `max_error_rate`, `max_errors`, `memory_limit`, `progress`, `threads`,
+        `temp_directory`)."""
         try:
             return replace(self, options=replace(self.options, **options))
         except TypeError as exc:
@@ -150,6 +192,8 @@ class Pipeline:
         schema = self.source.schema
         for step in self.steps:
             schema = step.output_schema(schema)
+        if self.aggregation is not None:
+            schema = self.aggregation.output_schema(schema)
         return schema
 
     def job_identity(self) -> JobIdentity:
@@ -179,8 +223,12 @@ class Pipeline:
         pipeline = self.with_options(**options) if options else self
         if pipeline.sink is None:
             raise ConfigError("the pipeline has no sink; call .sink_parquet/.sink_csv/.sink_ndjson/.foreach_batch first")
-        report = Report(source=pipeline.source.describe(), sink=pipeline.sink.describe())
         sink = pipeline.sink.fresh()
+        if pipeline.aggregation is not None:
+            o = pipeline.options
+            sink = AggregateSink(pipeline.aggregation, sink, memory_limit=o.memory_limit, threads=o.threads,
+                                 temp_directory=o.temp_directory)
+        report = Report(source=pipeline.source.describe(), sink=sink.describe())
         rejects_sink = pipeline.rejects_sink.fresh() if pipeline.rejects_sink is not None else None
         collector = RejectCollector(rejects_sink, columns=list(pipeline.source.schema),
                                     keep=DEFAULT_KEEP_REJECTS)
@@ -188,7 +236,11 @@ class Pipeline:
         runner = Runner(pipeline.source, pipeline.steps, sink, collector, pipeline.options,
                         job=job, resume=resume, overwrite=overwrite)
         try:
-            runner.run(report)
+            try:
+                runner.run(report)
+            finally:
+                if isinstance(sink, AggregateSink):
+                    fill_report(report, sink)
             report.status = "succeeded"
         except BaseException as exc:
             report.status = "failed"

@@ -37,6 +37,8 @@ class Report:
     skipped: bool = False
     # Transient failures that were retried (each is also logged).
     retries: int = 0
+    # Rows consumed by an aggregate stage; when set they, not the (result) rows written, balance the totals.
+    rows_aggregated: int | None = None
     rejects_by_stage: dict[str, int] = field(default_factory=dict)
     elapsed_s: float = 0.0
     peak_rss_bytes: int = 0
@@ -57,8 +59,9 @@ class Report:
 
     def accounting_ok(self) -> bool:
         """Every stage balances and the totals agree with the stages."""
+        delivered = self.rows_written if self.rows_aggregated is None else self.rows_aggregated
         return all(s.balanced() for s in self.stages) and self.rows_read == (
-            self.rows_written + self.rows_filtered + self.rows_rejected
+            delivered + self.rows_filtered + self.rows_rejected
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -76,6 +79,7 @@ class Report:
             "rows_resumed": self.rows_resumed,
             "skipped": self.skipped,
             "retries": self.retries,
+            "rows_aggregated": self.rows_aggregated,
             "rejects_by_stage": dict(self.rejects_by_stage),
             "elapsed_s": round(self.elapsed_s, 4),
             "peak_rss_bytes": self.peak_rss_bytes,
@@ -104,6 +108,10 @@ class Report:
             f"  rows   : {self.rows_read:,} read = {self.rows_written:,} written + {self.rows_filtered:,} filtered"
             f" + {self.rows_rejected:,} rejected",
         ]
+        if self.rows_aggregated is not None:
+            lines[-1] = (f"  rows   : {self.rows_read:,} read = {self.rows_aggregated:,} aggregated + "
+                         f"{self.rows_filtered:,} filtered + {self.rows_rejected:,} rejected; "
+                         f"{self.rows_written:,} result rows written")
         if self.rejects_by_stage:
             by = ", ".join(f"{k} {v:,}" for k, v in sorted(self.rejects_by_stage.items()))
             where = f" → {self.rejects_path}" if self.rejects_path else " (kept in report.rejects)"

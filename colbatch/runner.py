@@ -45,6 +45,10 @@ DEFAULT_RETRY_BACKOFF_S = 1.0
 # During a run the error rate is judged only after this many rows, so one early bad
 # row cannot abort it; at the end it is judged on all rows.
 DEFAULT_RATE_MIN_ROWS = 100
+# DuckDB (aggregate stage) threads: None lets DuckDB use one per core, which is what a batch job wants.
+DEFAULT_DUCKDB_THREADS: int | None = None
+# Where DuckDB spills: None gives each run a private directory under the system temp dir, removed after it.
+DEFAULT_TEMP_DIRECTORY: str | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,8 @@ class RunOptions:
     retry_backoff_s: float = DEFAULT_RETRY_BACKOFF_S
     queue_items: int = DEFAULT_QUEUE_ITEMS
     queue_bytes: int = DEFAULT_QUEUE_BYTES
+    threads: int | None = DEFAULT_DUCKDB_THREADS
+    temp_directory: str | None = DEFAULT_TEMP_DIRECTORY
 
     def batch_rows(self) -> int:
         """Rows per batch for the reader."""

@@ -35,7 +35,7 @@ def no_temp_files(root: Path) -> list[str]:
 
 def is_bookkeeping(path: Path) -> bool:
     """colbatch's own ledger and lock files, which are not output data."""
-    return path.name.endswith((".colbatch.json", "colbatch-lock"))
+    return path.name.endswith((".colbatch.json", "colbatch-lock", ".manifest.json"))
 
 
 def data_files(root: Path) -> list[Path]:
@@ -120,7 +120,7 @@ def source_case(request, tmp_path: Path) -> SourceCase:
     return SourceCase(kind, make, df)
 
 
-SINK_KINDS = ["parquet_file", "parquet_dir", "parquet_partitioned", "csv", "csv_gz", "jsonl", "foreach_batch"]
+SINK_KINDS = ["parquet_file", "parquet_dir", "parquet_partitioned", "csv", "csv_gz", "jsonl", "foreach_batch", "duckdb"]
 
 
 @dataclass
@@ -180,6 +180,21 @@ def sink_case(request, tmp_path: Path) -> SinkCase:
         case = SinkCase(kind, out, lambda p: p.foreach_batch(collected.append, retries=0),
                         lambda: pl.concat(collected) if collected else pl.DataFrame(), collected)
         return case
+    if kind == "duckdb":
+        target = out / "events.duckdb"
+
+        def read_table() -> pl.DataFrame:
+            import duckdb
+
+            if not target.exists():
+                return pl.DataFrame()
+            with duckdb.connect(str(target), read_only=True) as con:
+                try:
+                    return con.sql('SELECT * FROM "we""ird; table"').pl()
+                except duckdb.CatalogException:  # an aborted first run leaves no table
+                    return pl.DataFrame()
+
+        return SinkCase(kind, out, lambda p: p.sink_duckdb(target, 'we"ird; table'), read_table)
     raise AssertionError(kind)  # pragma: no cover
 
 

@@ -26,6 +26,7 @@ from colbatch import faults
 from colbatch.batch import Batch, Split
 from colbatch.errors import CheckpointError, ConfigError, SinkError
 from colbatch.ledger import Committed, FileLedger, JobIdentity, SplitState, refusal
+from colbatch.manifest import write_manifest
 from colbatch.schema import align
 from colbatch.sinks.base import TMP_SUFFIX, Sink, SinkResult, publish, remove_quietly, temp_path
 from colbatch.sinks.stream import PolarsStreamWriter
@@ -295,11 +296,14 @@ class FileSink(Sink):
             faults.point("before-publish")
             publish(tmp, final)
         self._pending = []
+        finals = sorted({self._final(u["file"]) for u in self._units}) if self._units else [self.path]
+        # The manifest (what readers follow) before the ledger says finished: a kill between
+        # the two leaves an unfinished ledger, so the next run redoes the commit.
+        write_manifest(self.path, format=self.format, files=finals, rows=sum(u["rows"] for u in self._units))
         if self._ledger is not None:
             faults.point("before-ledger")
             self._save_ledger(finished=True)
             self._release()
-        finals = sorted({self._final(u["file"]) for u in self._units}) if self._units else [self.path]
         if not self.single:
             self._remove_stale(set(finals))
         size = sum(os.path.getsize(f) for f in finals if os.path.exists(f))

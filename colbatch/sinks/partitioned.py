@@ -11,7 +11,9 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from colbatch.batch import Batch
+from colbatch.duck import hive_type
 from colbatch.errors import ConfigError, SinkError
+from colbatch.manifest import write_manifest
 from colbatch.schema import align
 from colbatch.sinks.base import Sink, SinkResult, publish, remove_quietly, temp_path
 from colbatch.sinks.files import DEFAULT_PARQUET_COMPRESSION
@@ -118,6 +120,11 @@ class PartitionedParquetSink(Sink):
             size += publish(tmp, final)
             files.append(final)
         self._done = []
+        # Before stale parts go, so a reader following the manifest never meets a missing file.
+        assert self._schema is not None
+        types = {c: t for c in self.partition_by if (t := hive_type(self._schema[c])) is not None}
+        write_manifest(self.path, format="parquet", files=files, partition_by=self.partition_by,
+                       partition_types=types, rows=self._rows)
         self._remove_stale(set(files))
         return SinkResult(rows=self._rows, files=files, bytes=size, target=self.path)
 
