@@ -116,6 +116,20 @@ class Pipeline:
         """Call `fn(df)` for every batch (push to an API or queue), retrying failures with backoff."""
         return self._sink(CallableSink(fn, retries=retries, backoff_s=backoff_s))
 
+    def sink_postgres(self, dsn: str, table: str, *, mode: Literal["append", "create", "replace", "upsert"] = "append",
+                      key: str | Sequence[str] | None = None, schema: str | None = None, retries: int | None = None,
+                      **options: Any) -> Pipeline:
+        """Load into a PostgreSQL table with binary COPY, exactly once per batch (see `colbatch.sinks.postgres`).
+
+        Example:
+            >>> cb.scan_csv("events.csv").sink_postgres("postgresql://me@db/app", "events", mode="upsert", key="id")
+        """
+        from colbatch.sinks.postgres import PostgresSink
+
+        if retries is not None:
+            options["retries"] = retries
+        return self._sink(PostgresSink(dsn, table, mode=mode, key=key, schema=schema, **options))
+
     def sink_rejects(self, path: str | os.PathLike) -> Pipeline:
         """Write every rejected row to Parquet or CSV at `path`."""
         fmt = format_of(os.fspath(path))
