@@ -17,7 +17,7 @@ from colbatch.errors import (
     SourceError,
     UdfError,
 )
-from colbatch.io import from_arrow, from_batches, scan_csv, scan_ipc, scan_ndjson, scan_parquet
+from colbatch.io import from_arrow, from_batches, scan_csv, scan_ipc, scan_ndjson, scan_parquet, scan_postgres
 from colbatch.pipeline import Pipeline
 from colbatch.report import Report
 
@@ -27,4 +27,5 @@ __all__ = [
     "CheckpointError", "ColbatchError", "ConfigError", "ErrorThresholdExceeded", "MissingDependencyError",
     "Pipeline", "Report", "SchemaError", "SinkError", "SourceError", "UdfError",
     "from_arrow", "from_batches", "scan_csv", "scan_ipc", "scan_ndjson", "scan_parquet",
+    "scan_postgres",
 ]
