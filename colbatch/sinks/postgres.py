@@ -23,7 +23,7 @@ import numpy as np
 import polars as pl
 
 from colbatch.batch import Batch, Split
-from colbatch.errors import ConfigError, SchemaError, SinkError
+from colbatch.errors import ColbatchError, ConfigError, SinkError
 from colbatch.ledger import Committed, JobIdentity, digest
 from colbatch.pg import connect, mask_dsn, psycopg, scrub
 from colbatch.pg.copy import conform, encode
@@ -135,7 +135,7 @@ class PostgresSink(Sink):
                 transient = is_transient(exc)
                 if not transient or attempt >= self.retries:
                     self._drop_connection()
-                    if isinstance(exc, (SchemaError, ConfigError, SinkError)):
+                    if isinstance(exc, ColbatchError):
                         raise
                     tries = f" after {attempt + 1} attempts" if transient else ""
                     raise SinkError(f"PostgreSQL refused {what} on `{self.table}`{tries}: "
@@ -160,7 +160,7 @@ class PostgresSink(Sink):
             self._ledger.forget(cur, job.job_id)
             return Committed()
 
-        self._ledger.ensure(self._connection())
+        self._transact(lambda cur, _: self._ledger.ensure(cur.connection), "creating the ledger table")
         return self._transact(work, "reading the ledger")
 
     def open(self, schema: pl.Schema) -> None:
@@ -168,6 +168,8 @@ class PostgresSink(Sink):
         if self._job is None:
             self.begin(JobIdentity(job_id=digest(self.describe()), fingerprint="direct"), resume=False)
         schema = pl.Schema({c: t for c, t in schema.items() if c != ROW_COL})
+        self._rows = self._rejected = self.reconnects = 0  # the same sink object may run again (resume)
+        self.stats = LoadStats()
         for column in schema:
             check_identifier(column, "column name")
         missing = [k for k in self.keys if k not in schema]
