@@ -17,7 +17,7 @@ from colbatch.errors import (
     SourceError,
     UdfError,
 )
-from colbatch.io import from_arrow, from_batches, scan_csv, scan_ipc, scan_ndjson, scan_parquet
+from colbatch.io import from_arrow, from_batches, scan_csv, scan_ipc, scan_ndjson, scan_parquet, scan_postgres
 from colbatch.pipeline import Pipeline
 from colbatch.query import Output, open_output
 from colbatch.report import Report
@@ -28,4 +28,5 @@ __all__ = [
     "CheckpointError", "ColbatchError", "ConfigError", "ErrorThresholdExceeded", "MissingDependencyError",
     "Output", "Pipeline", "Report", "SchemaError", "SinkError", "SourceError", "UdfError",
     "from_arrow", "from_batches", "open_output", "scan_csv", "scan_ipc", "scan_ndjson", "scan_parquet",
+    "scan_postgres",
 ]

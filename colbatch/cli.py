@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--to", metavar="FILE", help="write the result to FILE instead of stdout")
     query.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     bench = sub.add_parser("bench", help="benchmarks against Polars, DuckDB, pyarrow and plain Python")
-    bench.add_argument("suite", choices=["core", "agg"], help="which benchmark")
+    bench.add_argument("suite", choices=["core", "agg", "pg", "postgres"], help="which benchmark")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="options of the suite (see `bench core --help`)")
     return parser
 
@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
             from colbatch.bench.agg import main as agg_main
 
             return agg_main(args.args)
+        if args.suite in ("pg", "postgres"):
+            from colbatch.bench.pg import main as pg_bench_main
+
+            return pg_bench_main(args.args)
         from colbatch.bench.core import main as bench_main
 
         return bench_main(args.args)

@@ -18,6 +18,7 @@ from colbatch.sources.files import strip_compression
 SOURCE_FORMATS = ("csv", "jsonl", "ndjson", "parquet", "ipc")
 STEP_KINDS = ("filter", "validate", "with_columns", "select", "rename", "cast")
 TOP_KEYS = ("source", "steps", "sink", "rejects", "run", "aggregate")
+PG_SCHEMES = ("postgresql://", "postgres://")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
 
 
@@ -79,6 +80,12 @@ def build_job(job: Mapping[str, Any]) -> Pipeline:
 def _source(src: Any) -> Pipeline:
     if not isinstance(src, Mapping) or "path" not in src:
         raise ConfigError("the job file needs a `[source]` table with a `path`")
+    if str(src["path"]).startswith(PG_SCHEMES):
+        _check_keys(src, ("path", "query", "table", "schema", "partition_on", "partitions"), "[source]")
+        from colbatch.io import scan_postgres
+
+        return scan_postgres(str(src["path"]), src.get("query"), table=src.get("table"), schema=src.get("schema"),
+                             partition_on=src.get("partition_on"), partitions=int(src.get("partitions", 1)))
     _check_keys(src, ("path", "format", "schema", "separator", "has_header", "null_values", "quote_char"), "[source]")
     path = src["path"]
     fmt = src.get("format") or _infer_format(path)
@@ -134,13 +141,17 @@ def _step(pipeline: Pipeline, step: Any, i: int) -> Pipeline:
 def _sink(pipeline: Pipeline, sink: Any) -> Pipeline:
     if not isinstance(sink, Mapping) or "path" not in sink:
         raise ConfigError("the job file needs a `[sink]` table with a `path`")
+    path = str(sink["path"])
+    if path.startswith(PG_SCHEMES):
+        _check_keys(sink, ("path", "table", "mode", "key", "schema", "retries"), "[sink]")
+        if "table" not in sink:
+            raise ConfigError("a PostgreSQL `[sink]` needs a `table`")
+        opts = {k: sink[k] for k in ("mode", "key", "schema", "retries") if k in sink}
+        return pipeline.sink_postgres(path, sink["table"], **opts)
     _check_keys(sink, ("path", "format", "compression", "compression_level", "row_group_size", "partition_by",
                        "separator", "part_rows", "escape_formulas", "table", "mode"), "[sink]")
-    path = str(sink["path"])
     if sink.get("format") == "duckdb" or path.lower().endswith(DUCKDB_SUFFIXES):
         return _duckdb_sink(pipeline, path, sink)
-    if path.startswith(("postgresql://", "postgres://")):
-        raise ConfigError("PostgreSQL sinks are not supported yet by this version of colbatch")
     fmt = sink.get("format") or format_of(path) or "parquet"
     if "part_rows" in sink and not (isinstance(sink["part_rows"], int) and sink["part_rows"] > 0):
         raise ConfigError(f"`sink.part_rows` must be a positive row count, got {sink['part_rows']!r}",

@@ -1,4 +1,4 @@
-"""Entry points that start a pipeline: `scan_csv`, `scan_ndjson`, `scan_parquet`, `scan_ipc`, `from_arrow`, `from_batches`."""
+"""Entry points that start a pipeline: `scan_csv`, `scan_ndjson`, `scan_parquet`, `scan_ipc`, `scan_postgres`, `from_arrow`, `from_batches`."""
 
 from __future__ import annotations
 
@@ -56,6 +56,19 @@ def scan_ipc(path: PathLike, *, schema: Mapping[str, Any] | None = None) -> Pipe
         >>> cb.scan_ipc("events.arrow")
     """
     return Pipeline(IpcSource(path, schema=schema))
+
+
+def scan_postgres(dsn: str, query: str | None = None, *, table: str | None = None, schema: str | None = None,
+                  partition_on: str | None = None, partitions: int = 1) -> Pipeline:
+    """Lazily read a PostgreSQL query's (or table's) rows, optionally split into key ranges of `partition_on`.
+
+    Example:
+        >>> cb.scan_postgres("postgresql://me@db/app", "SELECT * FROM events", partition_on="id", partitions=4)
+    """
+    from colbatch.sources.postgres import PostgresSource
+
+    return Pipeline(PostgresSource(dsn, query=query, table=table, schema=schema, partition_on=partition_on,
+                                   partitions=partitions))
 
 
 def from_arrow(data: pa.Table | pa.RecordBatch | pa.RecordBatchReader | pl.DataFrame) -> Pipeline:

@@ -169,6 +169,20 @@ class Pipeline:
         """
         return self._sink(DuckDBSink(path, table, mode=mode))
 
+    def sink_postgres(self, dsn: str, table: str, *, mode: Literal["append", "create", "replace", "upsert"] = "append",
+                      key: str | Sequence[str] | None = None, schema: str | None = None, retries: int | None = None,
+                      **options: Any) -> Pipeline:
+        """Load into a PostgreSQL table with binary COPY, exactly once per batch (see `colbatch.sinks.postgres`).
+
+        Example:
+            >>> cb.scan_csv("events.csv").sink_postgres("postgresql://me@db/app", "events", mode="upsert", key="id")
+        """
+        from colbatch.sinks.postgres import PostgresSink
+
+        if retries is not None:
+            options["retries"] = retries
+        return self._sink(PostgresSink(dsn, table, mode=mode, key=key, schema=schema, **options))
+
     def sink_rejects(self, path: str | os.PathLike) -> Pipeline:
         """Write every rejected row to Parquet or CSV at `path`."""
         fmt = format_of(os.fspath(path))
@@ -232,9 +246,11 @@ class Pipeline:
         rejects_sink = pipeline.rejects_sink.fresh() if pipeline.rejects_sink is not None else None
         collector = RejectCollector(rejects_sink, columns=list(pipeline.source.schema),
                                     keep=DEFAULT_KEEP_REJECTS)
-        job = pipeline.job_identity() if sink.supports_resume and pipeline.source.stable else None
+        job = pipeline.job_identity() if sink.supports_resume else None
+        # In-memory data can change under the same description, so "already done" is only
+        # trusted for stable sources (files, tables); resume works for any re-readable source.
         runner = Runner(pipeline.source, pipeline.steps, sink, collector, pipeline.options,
-                        job=job, resume=resume, overwrite=overwrite)
+                        job=job, resume=resume, overwrite=overwrite or not pipeline.source.stable)
         try:
             try:
                 runner.run(report)

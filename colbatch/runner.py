@@ -264,6 +264,7 @@ class Runner:
             schema = self.source.schema
             for step in self.steps:
                 schema = step.output_schema(schema)
+            self.sink.on_reject = self._on_reject
             self.sink.open(schema)
             for t in threads:
                 t.start()
@@ -277,6 +278,7 @@ class Runner:
             committed = True
             report.outputs = result.files or [result.target]
             self.write_stage.rows_out = result.rows
+            self.write_stage.rows_rejected = result.rejected
         except BaseException as exc:
             self._stop.set()
             for t in threads:

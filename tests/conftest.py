@@ -15,6 +15,7 @@ import pytest
 import zstandard
 
 import colbatch as cb
+from tests.pg import pg_dsn, pg_frame, pg_schema  # noqa: F401  (fixtures)
 
 N_ROWS = 1000
 TYPES = ["click", "view", "purchase", "signup"]
@@ -63,7 +64,7 @@ def frame() -> pl.DataFrame:
     return make_frame()
 
 
-SOURCE_KINDS = ["csv", "csv.gz", "csv.zst", "ndjson", "parquet", "ipc", "from_arrow", "from_batches"]
+SOURCE_KINDS = ["csv", "csv.gz", "csv.zst", "ndjson", "parquet", "ipc", "from_arrow", "from_batches", "postgres"]
 
 
 @dataclass
@@ -115,12 +116,17 @@ def source_case(request, tmp_path: Path) -> SourceCase:
                 yield df.slice(start, 250).to_arrow().to_batches()[0]
 
         make = lambda: cb.from_batches(gen, schema=SCHEMA)  # noqa: E731
+    elif kind == "postgres":
+        dsn, schema = request.getfixturevalue("pg_dsn"), request.getfixturevalue("pg_schema")
+        cb.from_arrow(df).sink_postgres(dsn, "events", schema=schema, mode="create").run(progress=False)
+        make = lambda: cb.scan_postgres(dsn, table="events", schema=schema, partition_on="id", partitions=3)  # noqa: E731
     else:  # pragma: no cover
         raise AssertionError(kind)
     return SourceCase(kind, make, df)
 
 
-SINK_KINDS = ["parquet_file", "parquet_dir", "parquet_partitioned", "csv", "csv_gz", "jsonl", "foreach_batch", "duckdb"]
+SINK_KINDS = ["parquet_file", "parquet_dir", "parquet_partitioned", "csv", "csv_gz", "jsonl", "foreach_batch", "duckdb",
+              "postgres"]
 
 
 @dataclass
@@ -195,6 +201,11 @@ def sink_case(request, tmp_path: Path) -> SinkCase:
                     return pl.DataFrame()
 
         return SinkCase(kind, out, lambda p: p.sink_duckdb(target, 'we"ird; table'), read_table)
+    if kind == "postgres":
+        # `replace` publishes the table at commit only, like the file sinks publish their files.
+        dsn, schema = request.getfixturevalue("pg_dsn"), request.getfixturevalue("pg_schema")
+        return SinkCase(kind, out, lambda p: p.sink_postgres(dsn, "events", schema=schema, mode="replace"),
+                        lambda: pg_frame(dsn, schema, "events"))
     raise AssertionError(kind)  # pragma: no cover
 
 

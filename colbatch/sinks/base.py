@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import polars as pl
@@ -22,6 +23,8 @@ class SinkResult:
     files: list[str] = field(default_factory=list)
     bytes: int = 0
     target: str = ""
+    # Rows the sink itself refused (sent to `Sink.on_reject`), e.g. a database's constraint violations.
+    rejected: int = 0
 
 
 class Sink(ABC):
@@ -49,6 +52,8 @@ class Sink(ABC):
     retried: int = 0
     # True when the sink keeps a ledger, so `begin(resume=True)` can return committed work.
     supports_resume: bool = False
+    # Set by the runner before `open`: where a sink sends rows it refuses (stage `load`), shaped by `reject_frame`.
+    on_reject: Callable[[pl.DataFrame], None] | None = None
 
     def begin(self, job: JobIdentity, *, resume: bool) -> Committed:
         """Before `open`: with `resume`, return the committed work of `job` (raise CheckpointError on mismatch)."""

@@ -33,8 +33,8 @@ class Source(ABC):
 
     name: str = "source"
     notes: ReadNotes
-    # True when the same source reads the same rows on every run (files, tables), so a
-    # ledger can name committed work; in-memory data and one-shot iterators are not.
+    # True when the same description means the same rows on every run (files, tables), so a
+    # finished ledger proves the output is current; in-memory data and iterators are not.
     stable: bool = True
 
     @property

@@ -1,0 +1,172 @@
+"""`python -m colbatch bench pg`: loading the events CSV into PostgreSQL, colbatch against the usual ways.
+
+Every method loads the same CSV into an identical fresh table (same DDL, a
+CHECK constraint that clean data never violates) on the same server:
+
+* colbatch end to end: `scan_csv(...).sink_postgres(...)` (CSV parsing included);
+* colbatch with 0.1% bad rows (violating the CHECK), isolated to rejects;
+* `psql \\copy` of the CSV file;
+* psycopg `COPY ... FROM STDIN (FORMAT csv)` of the raw CSV bytes;
+* ADBC `adbc_ingest` of an in-memory Arrow table (CSV parsed beforehand, not timed), when installed;
+* psycopg `executemany` INSERT on a subset (`--insert-rows`), extrapolated to rows/s.
+
+Runs are interleaved method by method; the table shows medians and the ratio to `psql \\copy`.
+
+Example:
+    $ python -m colbatch bench pg --rows 1000000 --runs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import polars as pl
+
+from colbatch.bench.generate import generate_events_csv
+
+DEFAULT_DSN = os.environ.get("COLBATCH_BENCH_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+# 1M rows (~84 MB of CSV): the issue's reference size.
+DEFAULT_ROWS = 1_000_000
+DEFAULT_RUNS = 3
+# executemany is ~10x slower than COPY; a subset keeps the benchmark short, and its rate does not depend on size.
+DEFAULT_INSERT_ROWS = 20_000
+BAD_FRACTION = 0.001
+SCHEMA = "colbatch_bench"
+DDL = ("CREATE TABLE {t} (id bigint, ts timestamp, user_id bigint, type text, amount double precision "
+       "CHECK (amount > -1e9), country text, text text)")
+CSV_SCHEMA = {"ts": "datetime"}
+
+
+def _sql(dsn: str, statement: str) -> None:
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(statement)
+
+
+def _fresh(dsn: str, table: str) -> str:
+    qualified = f"{SCHEMA}.{table}"
+    _sql(dsn, f"DROP TABLE IF EXISTS {qualified}; DROP TABLE IF EXISTS {SCHEMA}.colbatch_ledger; "
+              + DDL.format(t=qualified))
+    return qualified
+
+
+def _count(dsn: str, qualified: str) -> int:
+    import psycopg
+
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(f"SELECT count(*) FROM {qualified}").fetchone()[0]
+
+
+def colbatch_load(dsn: str, csv: Path, table: str) -> int:
+    import colbatch as cb
+
+    _fresh(dsn, table)
+    report = (cb.scan_csv(csv, schema=CSV_SCHEMA).sink_postgres(dsn, table, schema=SCHEMA)
+              .run(progress=False, max_error_rate=None))
+    return report.rows_written
+
+
+def psql_copy(dsn: str, csv: Path, table: str) -> int:
+    qualified = _fresh(dsn, table)
+    subprocess.run(["psql", dsn, "-q", "-v", "ON_ERROR_STOP=1", "-c",
+                    f"\\copy {qualified} FROM '{csv}' WITH (FORMAT csv, HEADER true)"], check=True)
+    return _count(dsn, qualified)
+
+
+def psycopg_csv(dsn: str, csv: Path, table: str) -> int:
+    import psycopg
+
+    qualified = _fresh(dsn, table)
+    with psycopg.connect(dsn) as conn, conn.cursor() as cur, open(csv, "rb") as fh:
+        with cur.copy(f"COPY {qualified} FROM STDIN (FORMAT csv, HEADER true)") as copy:
+            while chunk := fh.read(1 << 20):
+                copy.write(chunk)
+    return _count(dsn, qualified)
+
+
+def adbc_ingest(dsn: str, table_data, table: str) -> int:
+    import adbc_driver_postgresql.dbapi as adbc
+
+    qualified = _fresh(dsn, table)
+    with adbc.connect(dsn) as conn, conn.cursor() as cur:
+        cur.adbc_ingest(table, table_data, mode="append", db_schema_name=SCHEMA)
+        conn.commit()
+    return _count(dsn, qualified)
+
+
+def executemany(dsn: str, rows: list[tuple], table: str) -> int:
+    import psycopg
+
+    qualified = _fresh(dsn, table)
+    with psycopg.connect(dsn) as conn, conn.cursor() as cur:
+        cur.executemany(f"INSERT INTO {qualified} VALUES (%s, %s, %s, %s, %s, %s, %s)", rows)
+    return _count(dsn, qualified)
+
+
+def _bad_copy(csv: Path, out: Path) -> int:
+    """The same CSV with 0.1% of amounts set below the CHECK's bound; returns how many."""
+    if not out.exists():
+        df = pl.read_csv(csv)
+        bad = (pl.int_range(0, pl.len()) % int(1 / BAD_FRACTION)) == 500
+        df.with_columns(amount=pl.when(bad).then(-1e12).otherwise(pl.col("amount"))).write_csv(out)
+    return pl.scan_csv(out).filter(pl.col("amount") < -1e9).select(pl.len()).collect().item()
+
+
+def main(argv: list[str]) -> int:
+    """Run the benchmark and print rows/s per method; 0 when every load has the expected row count."""
+    parser = argparse.ArgumentParser(prog="python -m colbatch bench pg")
+    parser.add_argument("--rows", type=int, default=DEFAULT_ROWS)
+    parser.add_argument("--runs", type=int, default=DEFAULT_RUNS)
+    parser.add_argument("--insert-rows", type=int, default=DEFAULT_INSERT_ROWS)
+    parser.add_argument("--dsn", default=DEFAULT_DSN)
+    parser.add_argument("--dir", type=Path, default=Path(".bench"))
+    args = parser.parse_args(argv)
+    args.dir.mkdir(parents=True, exist_ok=True)
+    csv = generate_events_csv(args.dir / f"events_{args.rows}.csv", args.rows).resolve()
+    bad_csv = (args.dir / f"events_{args.rows}_bad.csv").resolve()
+    n_bad = _bad_copy(csv, bad_csv)
+    _sql(args.dsn, f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
+    sample = pl.read_csv(csv, n_rows=args.insert_rows, try_parse_dates=True).rows()
+    methods: dict[str, tuple[Callable[[], int], int, int]] = {
+        "colbatch (CSV file -> table)": (lambda: colbatch_load(args.dsn, csv, "cb"), args.rows, args.rows),
+        "colbatch, 0.1% bad rows": (lambda: colbatch_load(args.dsn, bad_csv, "cb_bad"), args.rows, args.rows - n_bad),
+        "psql \\copy (CSV)": (lambda: psql_copy(args.dsn, csv, "psql"), args.rows, args.rows),
+        "psycopg COPY of raw CSV": (lambda: psycopg_csv(args.dsn, csv, "pcsv"), args.rows, args.rows),
+        f"executemany ({args.insert_rows:,} rows, scaled)": (lambda: executemany(args.dsn, sample, "ins"),
+                                                             len(sample), len(sample)),
+    }
+    try:
+        import pyarrow.csv as pacsv
+
+        arrow = pacsv.read_csv(csv)
+        methods["ADBC adbc_ingest (from Arrow)"] = (lambda: adbc_ingest(args.dsn, arrow, "adbc"), args.rows, args.rows)
+    except ImportError:
+        print("ADBC driver not installed; skipping adbc_ingest")
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    failures = []
+    for _ in range(args.runs):
+        for name, (fn, _n, expect) in methods.items():
+            t0 = time.perf_counter()
+            got = fn()
+            times[name].append(time.perf_counter() - t0)
+            if got != expect:
+                failures.append(f"{name}: {got:,} rows, expected {expect:,}")
+    _sql(args.dsn, f"DROP SCHEMA {SCHEMA} CASCADE")
+    rate = {m: methods[m][1] / statistics.median(t) for m, t in times.items()}
+    base = rate["psql \\copy (CSV)"]
+    print(f"\n{args.rows:,} rows x 7 columns ({csv.stat().st_size / 1e6:,.0f} MB CSV), {args.runs} run(s), medians; "
+          f"bad-row input has {n_bad:,} rows violating a CHECK")
+    print(f"{'method':<42} {'median s':>9} {'rows/s':>12} {'vs psql':>8}")
+    for m in methods:
+        secs = statistics.median(times[m]) * args.rows / methods[m][1]
+        print(f"{m:<42} {secs:>9.2f} {rate[m]:>12,.0f} {rate[m] / base:>7.2f}x")
+    for f in failures:
+        print("FAILED:", f)
+    return 1 if failures else 0

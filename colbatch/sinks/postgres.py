@@ -1,0 +1,327 @@
+"""PostgreSQL sink: streaming binary COPY, exactly once per unit, bad rows isolated, transient errors retried.
+
+Each batch is one *unit*: its good rows are COPYed and its ledger row is
+written in one transaction (see `colbatch.pg.ledger`), so a killed run resumed
+with `run(resume=True)` continues after the last committed unit with no
+duplicates and no gaps. Modes:
+
+* `append` (default): add rows; creates the table when missing, else checks compatibility.
+* `create`: the table must not exist; it is created from the batch schema.
+* `replace`: rows go to a staging table that replaces the target in one transaction at commit.
+* `upsert`: each unit is COPYed into a temporary table and merged with
+  `INSERT ... ON CONFLICT (key) DO UPDATE` in the unit's transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+
+from colbatch.batch import Batch, Split
+from colbatch.errors import ColbatchError, ConfigError, SinkError
+from colbatch.ledger import Committed, JobIdentity, digest
+from colbatch.pg import connect, mask_dsn, psycopg, scrub
+from colbatch.pg.copy import conform, encode
+from colbatch.pg.isolate import BadRow, IsolatingLoader, LoadStats, UnitResult
+from colbatch.pg.ledger import DEFAULT_LEDGER_TABLE, PgLedger
+from colbatch.pg.retry import backoff_delay, is_transient, sqlstate
+from colbatch.pg.types import check_compatible, pg_type_for
+from colbatch.rejects import reject_frame
+from colbatch.sinks.base import Sink, SinkResult
+from colbatch.steps import ROW_COL
+
+log = logging.getLogger("colbatch")
+
+Mode = Literal["append", "create", "replace", "upsert"]
+MODES = ("append", "create", "replace", "upsert")
+# Five retries with 0.2 s doubling backoff (capped at 10 s) ride out a server restart of ~10 s.
+DEFAULT_RETRIES = 5
+DEFAULT_BACKOFF_S = 0.2
+DEFAULT_BACKOFF_CAP_S = 10.0
+# PostgreSQL silently truncates longer identifiers (NAMEDATALEN - 1), which would not round-trip.
+MAX_IDENTIFIER_BYTES = 63
+
+
+def check_identifier(name: str, what: str) -> str:
+    """Refuse identifiers PostgreSQL would alter: empty, with NUL, or longer than 63 bytes."""
+    if not name or "\x00" in name:
+        raise ConfigError(f"{what} {name!r} is not a valid PostgreSQL identifier (empty or contains NUL)", name=name)
+    if len(name.encode()) > MAX_IDENTIFIER_BYTES:
+        raise ConfigError(f"{what} `{name}` is {len(name.encode())} bytes; PostgreSQL identifiers hold at most "
+                          f"{MAX_IDENTIFIER_BYTES} bytes", name=name)
+    return name
+
+
+class PostgresSink(Sink):
+    """Loads batches into a PostgreSQL table with binary COPY; see the module docstring for modes."""
+
+    name = "postgresql"
+    supports_resume = True
+
+    def __init__(self, dsn: str, table: str, *, mode: Mode = "append", key: str | Sequence[str] | None = None,
+                 schema: str | None = None, retries: int = DEFAULT_RETRIES, backoff_s: float = DEFAULT_BACKOFF_S,
+                 ledger_table: str = DEFAULT_LEDGER_TABLE, sleep: Callable[[float], None] = time.sleep) -> None:
+        psycopg()
+        if mode not in MODES:
+            raise ConfigError(f"`mode` must be one of {', '.join(MODES)}, got {mode!r}", value=mode)
+        keys = [key] if isinstance(key, str) else list(key or [])
+        if mode == "upsert" and not keys:
+            raise ConfigError("mode `upsert` needs `key`: the column(s) of the table's primary key or unique index")
+        self._dsn = dsn
+        self.table = check_identifier(table, "table name")
+        self.schema_name = check_identifier(schema, "schema name") if schema else None
+        self.mode = mode
+        self.keys = [check_identifier(k, "key column") for k in keys]
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self._sleep = sleep
+        self._ledger = PgLedger(self.schema_name, check_identifier(ledger_table, "ledger table"))
+        self.stats = LoadStats()
+        self.reconnects = 0
+        self._conn: Any = None
+        self._job: JobIdentity | None = None
+        self._resume = False
+        self._rows = 0
+        self._rejected = 0
+        self._load_table = self.table
+        self._columns: list[str] = []
+
+    # -- description ------------------------------------------------------------------------
+
+    def describe(self) -> str:
+        """One-line description (the DSN's password masked)."""
+        where = f"{self.schema_name}.{self.table}" if self.schema_name else self.table
+        return f"postgresql {mask_dsn(self._dsn)} table {where} mode {self.mode}"
+
+    def __repr__(self) -> str:
+        return f"PostgresSink({self.describe()!r})"
+
+    def _ident(self, table: str) -> Any:
+        from psycopg import sql
+
+        return sql.Identifier(self.schema_name, table) if self.schema_name else sql.Identifier(table)
+
+    # -- connection and retries -------------------------------------------------------------
+
+    def _connection(self) -> Any:
+        if self._conn is None or self._conn.closed:
+            self._conn = connect(self._dsn)
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # the connection is already broken; nothing to release
+                pass
+
+    def _transact(self, work: Callable[[Any, int], Any], what: str) -> Any:
+        """Run `work(cursor, attempt)` in one transaction and commit, retrying transient failures on a new connection."""
+        attempt = 0
+        while True:
+            try:
+                conn = self._connection()
+                with conn.cursor() as cur:
+                    out = work(cur, attempt)
+                conn.commit()
+                return out
+            except Exception as exc:
+                transient = is_transient(exc)
+                if not transient or attempt >= self.retries:
+                    self._drop_connection()
+                    if isinstance(exc, ColbatchError):
+                        raise
+                    tries = f" after {attempt + 1} attempts" if transient else ""
+                    raise SinkError(f"PostgreSQL refused {what} on `{self.table}`{tries}: "
+                                    f"{scrub(str(exc), self._dsn)}", sqlstate=sqlstate(exc)) from None
+                delay = backoff_delay(attempt, self.backoff_s, DEFAULT_BACKOFF_CAP_S)
+                log.warning("transient PostgreSQL error during %s (%s); reconnecting, retry %d/%d in %.2fs", what,
+                            sqlstate(exc) or "connection lost", attempt + 1, self.retries, delay)
+                self._drop_connection()
+                self.reconnects += 1
+                self._sleep(delay)
+                attempt += 1
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def begin(self, job: JobIdentity, *, resume: bool) -> Committed:
+        """Create the ledger table if needed; with `resume`, return this job's committed units, else forget them."""
+        self._job, self._resume = job, resume
+
+        def work(cur: Any, _: int) -> Committed:
+            if resume:
+                return self._ledger.committed(cur.connection, job)
+            self._ledger.forget(cur, job.job_id)
+            return Committed()
+
+        self._transact(lambda cur, _: self._ledger.ensure(cur.connection), "creating the ledger table")
+        return self._transact(work, "reading the ledger")
+
+    def open(self, schema: pl.Schema) -> None:
+        """Create or check the target table (a staging table for `replace`) and prepare the COPY statement."""
+        if self._job is None:
+            self.begin(JobIdentity(job_id=digest(self.describe()), fingerprint="direct"), resume=False)
+        schema = pl.Schema({c: t for c, t in schema.items() if c != ROW_COL})
+        self._rows = self._rejected = self.reconnects = 0  # the same sink object may run again (resume)
+        self.stats = LoadStats()
+        for column in schema:
+            check_identifier(column, "column name")
+        missing = [k for k in self.keys if k not in schema]
+        if missing:
+            raise ConfigError(f"key column `{missing[0]}` is not among the output columns: {', '.join(schema)}")
+        self._schema = schema
+        self._columns = list(schema)
+        assert self._job is not None
+        if self.mode == "replace":
+            self._load_table = _staging_name(self.table, self._job.job_id)
+        self._transact(lambda cur, _: self._prepare(cur, schema), "preparing the table")
+        self._loader = IsolatingLoader(self._copy_sql(), stats=self.stats,
+                                       after_copy=self._merge if self.mode == "upsert" else None)
+
+    def _prepare(self, cur: Any, schema: pl.Schema) -> None:
+        from psycopg import sql
+
+        existing = self._table_columns(cur, self._load_table)
+        if self.mode == "replace" and existing is not None and not self._resume:
+            cur.execute(sql.SQL("DROP TABLE {}").format(self._ident(self._load_table)))
+            existing = None
+        if self.mode == "create" and existing is not None and not self._resume:
+            raise SinkError(f"table `{self.table}` already exists; use mode \"append\", \"replace\" or \"upsert\"",
+                            table=self.table)
+        if existing is None:
+            columns = [sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(pg_type_for(c, t))) for c, t in schema.items()]
+            if self.keys:
+                columns.append(sql.SQL("PRIMARY KEY ({})").format(sql.SQL(", ").join(map(sql.Identifier, self.keys))))
+            cur.execute(sql.SQL("CREATE TABLE {} ({})").format(self._ident(self._load_table), sql.SQL(", ").join(columns)))
+            existing = self._table_columns(cur, self._load_table)
+            assert existing is not None
+        types = check_compatible(schema, existing, target=self.table)
+        self._types = [types[c] for c in schema]
+        self._typnames = [existing[c] for c in schema]
+
+    def _table_columns(self, cur: Any, table: str) -> dict[str, str] | None:
+        """Column name → `pg_type.typname` of a table, or None when it does not exist."""
+        oid = cur.execute("SELECT to_regclass(%s)::oid", (self._ident(table).as_string(cur.connection),)).fetchone()[0]
+        if oid is None:
+            return None
+        rows = cur.execute("SELECT a.attname, t.typname FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
+                           "WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+                           (oid,)).fetchall()
+        return dict(rows)
+
+    def _copy_sql(self) -> Any:
+        from psycopg import sql
+
+        target = sql.Identifier("colbatch_stage") if self.mode == "upsert" else self._ident(self._load_table)
+        cols = sql.SQL(", ").join(map(sql.Identifier, self._columns))
+        return sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(target, cols)
+
+    def _merge(self, cur: Any) -> None:
+        """Upsert the staged rows (the last row wins for a key repeated in the unit), then empty the stage."""
+        from psycopg import sql
+
+        cols = sql.SQL(", ").join(map(sql.Identifier, self._columns))
+        keys = sql.SQL(", ").join(map(sql.Identifier, self.keys))
+        rest = [c for c in self._columns if c not in self.keys]
+        action = sql.SQL("DO UPDATE SET {}").format(sql.SQL(", ").join(
+            sql.SQL("{} = EXCLUDED.{}").format(sql.Identifier(c), sql.Identifier(c)) for c in rest
+        )) if rest else sql.SQL("DO NOTHING")
+        cur.execute(sql.SQL("INSERT INTO {} ({}) SELECT DISTINCT ON ({}) {} FROM colbatch_stage ORDER BY {}, ctid DESC "
+                            "ON CONFLICT ({}) {}; TRUNCATE colbatch_stage").format(
+            self._ident(self.table), cols, keys, cols, keys, keys, action))
+
+    def write(self, batch: Batch) -> None:
+        """COPY one batch as one unit, with its ledger row, in one transaction (retried when transient)."""
+        assert self._job is not None
+        job = self._job
+        df = batch.data.select(self._columns)
+        cast, lost = conform(df, self._types)
+        positions = np.arange(df.height) if lost is None else np.flatnonzero(~lost)
+        encoded = encode(cast if lost is None else cast.filter(pl.Series(~lost)), self._types, self._typnames)
+        outcome: dict[str, UnitResult] = {}
+
+        def work(cur: Any, attempt: int) -> UnitResult:
+            if attempt and "result" in outcome and self._ledger.has_unit(cur, job.job_id, batch.split.id,
+                                                                         batch.first_row):
+                return outcome["result"]  # the last attempt's commit reached the server before the connection broke
+            if self.mode == "upsert":
+                self._create_stage(cur)
+            result = self._loader.load(cur, encoded)
+            rejected = len(result.bad) + (0 if lost is None else int(lost.sum()))
+            self._ledger.record(cur, job, self.describe(), batch.split.id, batch.first_row, batch.rows_read,
+                                result.loaded, rejected)
+            outcome["result"] = result
+            return result
+
+        result = self._transact(work, f"rows {batch.first_row}+ of split `{batch.split.id}`")
+        self._rows += result.loaded
+        bad = [(int(positions[b.index]), f"SQLSTATE {b.sqlstate}: {b.message}") for b in result.bad]
+        if lost is not None:
+            bad += [(int(i), "SQLSTATE 22003: value out of range for the column's PostgreSQL type")
+                    for i in np.flatnonzero(lost)]
+        if bad:
+            self._reject(batch, df, sorted(bad))
+
+    def _create_stage(self, cur: Any) -> None:
+        from psycopg import sql
+
+        cols = sql.SQL(", ").join(map(sql.Identifier, self._columns))
+        cur.execute(sql.SQL("CREATE TEMP TABLE colbatch_stage ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA")
+                    .format(cols, self._ident(self.table)))
+
+    def _reject(self, batch: Batch, df: pl.DataFrame, bad: list[tuple[int, str]]) -> None:
+        self._rejected += len(bad)
+        if self.on_reject is None:
+            return
+        idx = np.array([i for i, _ in bad], dtype=np.int64)
+        reasons = pl.Series("_reason", [scrub(r, self._dsn) for _, r in bad], dtype=pl.String)
+        self.on_reject(reject_frame(source=batch.split.path or batch.split.id, lines=batch.lines_of(idx),
+                                    stage="load", reasons=reasons, values=df[idx]))
+
+    def split_done(self, split: Split, rows: int) -> None:
+        """Mark `split` complete in the ledger, so a resumed run skips it without reading it."""
+        assert self._job is not None
+        job = self._job
+        self._transact(lambda cur, _: self._ledger.record(cur, job, self.describe(), split.id, rows, 0, 0, 0,
+                                                          complete=True), f"closing split `{split.id}`")
+
+    def commit(self) -> SinkResult:
+        """Units are already committed; `replace` now swaps the staging table in, atomically."""
+        if self.mode == "replace":
+            self._transact(self._swap, "replacing the table")
+        self._drop_connection()
+        return SinkResult(rows=self._rows, target=self.describe(), rejected=self._rejected)
+
+    def _swap(self, cur: Any, _: int) -> None:
+        from psycopg import sql
+
+        assert self._job is not None
+        cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(self._ident(self.table)))
+        cur.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(self._ident(self._load_table),
+                                                                  sql.Identifier(self.table)))
+        self._ledger.forget(cur, self._job.job_id)
+
+    def abort(self, error: BaseException | None) -> None:
+        """Roll back the open unit (committed units stay, recorded in the ledger for resume); never raises."""
+        try:
+            if self._conn is not None and not self._conn.closed:
+                self._conn.rollback()
+        except Exception:  # best effort: the connection may be gone already
+            pass
+        self._drop_connection()
+
+
+def _staging_name(table: str, job_id: str) -> str:
+    """Deterministic staging table for `replace` (so a resumed run finds it), within 63 bytes."""
+    suffix = f"__colbatch_{job_id[:8]}"
+    head = table.encode()[: MAX_IDENTIFIER_BYTES - len(suffix)].decode(errors="ignore")
+    return head + suffix
+
+
+__all__ = ["BadRow", "MODES", "PostgresSink"]

@@ -1,0 +1,325 @@
+"""PostgreSQL sink against the real server: types, modes, exactly-once resume, bad rows, retries, identifiers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import polars as pl
+import pytest
+from psycopg import sql
+
+import colbatch as cb
+from colbatch.config import build_job
+from colbatch.pg import mask_dsn
+from colbatch.pg.retry import is_data_error, is_transient
+from tests.conftest import assert_accounting, make_frame
+from tests.pg import pg_frame, pg_query
+
+
+def _ident(schema: str, table: str) -> sql.Identifier:
+    return sql.Identifier(schema, table)
+
+
+def _count(dsn, schema, table) -> int:
+    return pg_query(dsn, sql.SQL("SELECT count(*) FROM {}").format(_ident(schema, table)))[0][0]
+
+
+ALL_TYPES = pl.DataFrame({
+    "i8": pl.Series([1, None, -128], dtype=pl.Int8), "i16": pl.Series([1, None, -32768], dtype=pl.Int16),
+    "i32": pl.Series([2**31 - 1, None, -5], dtype=pl.Int32), "i64": pl.Series([2**63 - 1, None, -(2**63)], dtype=pl.Int64),
+    "u8": pl.Series([255, None, 0], dtype=pl.UInt8), "u16": pl.Series([65535, None, 0], dtype=pl.UInt16),
+    "u32": pl.Series([2**32 - 1, None, 0], dtype=pl.UInt32), "u64": pl.Series([2**63 - 1, None, 0], dtype=pl.UInt64),
+    "f32": pl.Series([1.5, None, float("inf")], dtype=pl.Float32), "f64": [1e-300, None, float("-inf")],
+    "b": [True, None, False], "s": ["ü\"; DROP", None, ""], "cat": pl.Series(["a", None, "b"], dtype=pl.Categorical),
+    "bin": [b"\x00\xff", None, b""], "d": [dt.date(2020, 2, 29), None, dt.date(1900, 1, 1)],
+    "ts": [dt.datetime(2024, 1, 1, 1, 2, 3, 456789), None, dt.datetime(1970, 1, 1)],
+    "tstz": pl.Series([dt.datetime(2024, 6, 1, 12), None, dt.datetime(1999, 12, 31, 23, 59, 59)]).dt.replace_time_zone("UTC"),
+    "tm": [dt.time(23, 59, 59, 999999), None, dt.time(0)], "du": [dt.timedelta(days=2, microseconds=7), None, dt.timedelta(0)],
+    "st": [{"x": 1, "y": "a"}, None, {"x": None, "y": "q\"uote"}], "li": [[1, 2], None, []],
+})
+
+
+def test_postgres_sink_round_trips_every_supported_type(pg_dsn, pg_schema):
+    report = cb.from_arrow(ALL_TYPES).sink_postgres(pg_dsn, "types", schema=pg_schema).run(progress=False)
+    assert_accounting(report)
+    assert report.rows_written == 3 and report.rows_rejected == 0
+    got = pg_query(pg_dsn, sql.SQL("SELECT * FROM {} ORDER BY i8 NULLS LAST").format(_ident(pg_schema, "types")))
+    rows = {c: [r[i] for r in got] for i, c in enumerate(ALL_TYPES.columns)}
+    for col in ALL_TYPES.columns:
+        want = ALL_TYPES[col].to_list()
+        if col == "cat":
+            want = ["a", None, "b"]
+        want = [want[2], want[0], want[1]]  # ORDER BY i8 NULLS LAST puts the rows in order 2, 0, 1
+        assert rows[col] == want, col
+
+
+def test_postgres_sink_uint64_above_bigint_is_rejected_at_load(pg_dsn, pg_schema):
+    df = pl.DataFrame({"u": pl.Series([1, 2**64 - 1], dtype=pl.UInt64)})
+    report = cb.from_arrow(df).sink_postgres(pg_dsn, "u", schema=pg_schema).run(progress=False, max_error_rate=None)
+    assert_accounting(report)
+    assert report.rows_written == 1 and report.rows_rejected == 1
+    assert report.rejects["_stage"].to_list() == ["load"] and "22003" in report.rejects["_reason"][0]
+
+
+def test_postgres_create_refuses_an_existing_table(pg_dsn, pg_schema):
+    df = make_frame(10)
+    cb.from_arrow(df).sink_postgres(pg_dsn, "t", schema=pg_schema, mode="create").run(progress=False)
+    with pytest.raises(cb.SinkError, match="already exists"):
+        cb.from_arrow(df).sink_postgres(pg_dsn, "t", schema=pg_schema, mode="create").run(progress=False)
+    assert _count(pg_dsn, pg_schema, "t") == 10
+
+
+def test_postgres_append_adds_rows_and_checks_compatibility_naming_the_column(pg_dsn, pg_schema):
+    df = make_frame(10)
+    cb.from_arrow(df).sink_postgres(pg_dsn, "t", schema=pg_schema).run(progress=False)
+    cb.from_arrow(df).sink_postgres(pg_dsn, "t", schema=pg_schema, mode="append").run(progress=False)
+    assert _count(pg_dsn, pg_schema, "t") == 20
+    bad = df.with_columns(pl.col("amount").cast(pl.String))
+    with pytest.raises(cb.SchemaError, match="`amount`"):
+        cb.from_arrow(bad).sink_postgres(pg_dsn, "t", schema=pg_schema).run(progress=False)
+    with pytest.raises(cb.SchemaError, match="`extra`"):
+        cb.from_arrow(df.with_columns(extra=pl.lit(1))).sink_postgres(pg_dsn, "t", schema=pg_schema).run(progress=False)
+    assert _count(pg_dsn, pg_schema, "t") == 20
+
+
+def test_postgres_append_casts_to_narrower_existing_columns(pg_dsn, pg_schema):
+    pg_query(pg_dsn, sql.SQL("CREATE TABLE {} (id integer, amount real, type varchar(10))").format(_ident(pg_schema, "n")))
+    report = cb.from_arrow(make_frame(50)).sink_postgres(pg_dsn, "n", schema=pg_schema).run(progress=False)
+    assert report.rows_written == 50
+    assert pg_query(pg_dsn, sql.SQL("SELECT sum(id) FROM {}").format(_ident(pg_schema, "n")))[0][0] == 1275
+
+
+def test_postgres_replace_is_atomic_and_failed_replace_keeps_old_table(pg_dsn, pg_schema):
+    cb.from_arrow(make_frame(10)).sink_postgres(pg_dsn, "t", schema=pg_schema).run(progress=False)
+    df = make_frame(300)
+
+    def failing():
+        yield df.slice(0, 100)
+        yield df.slice(100, 100)
+        raise RuntimeError("source died")
+
+    with pytest.raises(Exception, match="source died"):
+        cb.from_batches(failing).sink_postgres(pg_dsn, "t", schema=pg_schema, mode="replace").run(progress=False)
+    assert _count(pg_dsn, pg_schema, "t") == 10
+    report = cb.from_arrow(df).sink_postgres(pg_dsn, "t", schema=pg_schema, mode="replace").run(progress=False,
+                                                                                                batch_size=100)
+    assert_accounting(report)
+    assert _count(pg_dsn, pg_schema, "t") == 300
+    tables = pg_query(pg_dsn, "SELECT tablename FROM pg_tables WHERE schemaname = %s ORDER BY 1", (pg_schema,))
+    assert [t[0] for t in tables] == ["colbatch_ledger", "t"]
+
+
+def test_postgres_upsert_updates_and_inserts_and_last_duplicate_wins(pg_dsn, pg_schema):
+    base = pl.DataFrame({"id": [1, 2, 3], "v": ["a", "b", "c"]})
+    cb.from_arrow(base).sink_postgres(pg_dsn, "u", schema=pg_schema, mode="create", key="id").run(progress=False)
+    change = pl.DataFrame({"id": [2, 4, 4, 3], "v": ["B", "x", "D", "C"]})
+    report = cb.from_arrow(change).sink_postgres(pg_dsn, "u", schema=pg_schema, mode="upsert", key="id").run(progress=False)
+    assert_accounting(report)
+    got = pg_frame(pg_dsn, pg_schema, "u", order_by="id")
+    assert got.rows() == [(1, "a"), (2, "B"), (3, "C"), (4, "D")]
+
+
+def test_postgres_upsert_isolates_rows_failing_in_the_merge(pg_dsn, pg_schema):
+    pg_query(pg_dsn, sql.SQL("CREATE TABLE {} (id bigint PRIMARY KEY, v text NOT NULL)").format(_ident(pg_schema, "u")))
+    df = pl.DataFrame({"id": list(range(2000)), "v": ["ok"] * 2000}).with_columns(
+        v=pl.when(pl.col("id") == 1234).then(None).otherwise(pl.col("v")))
+    pipeline = cb.from_arrow(df).sink_postgres(pg_dsn, "u", schema=pg_schema, mode="upsert", key="id")
+    report = pipeline.run(progress=False)
+    assert_accounting(report)
+    assert report.rows_written == 1999 and report.rejects["id"].to_list() == ["1234"]
+    assert "23502" in report.rejects["_reason"][0]
+    assert pipeline.sink.stats.attempts <= 30  # bisection of 2,000 rows: about 2 x log2(2000)
+
+
+def test_postgres_one_bad_row_in_10k_is_isolated_in_few_round_trips(pg_dsn, pg_schema):
+    pg_query(pg_dsn, sql.SQL("CREATE TABLE {} (id bigint, amount double precision CHECK (amount > -1000), "
+                             "type text)").format(_ident(pg_schema, "c")))
+    df = make_frame(10_000).with_columns(amount=pl.when(pl.col("id") == 7777).then(-5000.0).otherwise(pl.col("amount")))
+    pipeline = cb.from_arrow(df).sink_postgres(pg_dsn, "c", schema=pg_schema)
+    report = pipeline.run(progress=False, batch_size=10_000)
+    assert_accounting(report)
+    assert report.rows_written == 9_999 and report.rows_rejected == 1
+    rej = report.rejects.row(0, named=True)
+    assert rej["_stage"] == "load" and rej["id"] == "7777" and rej["_line"] == 7776
+    assert "SQLSTATE 23514" in rej["_reason"] and "check constraint" in rej["_reason"]
+    assert pipeline.sink.stats.statements <= 30, pipeline.sink.stats
+    ids = pg_query(pg_dsn, sql.SQL("SELECT count(DISTINCT id), max(id) FROM {}").format(_ident(pg_schema, "c")))[0]
+    assert ids == (9_999, 10_000)
+
+
+def test_postgres_sparse_bad_rows_are_all_isolated(pg_dsn, pg_schema):
+    pg_query(pg_dsn, sql.SQL("CREATE TABLE {} (id bigint UNIQUE, amount double precision CHECK (amount > -1000), "
+                             "type text NOT NULL)").format(_ident(pg_schema, "c")))
+    df = make_frame(20_000).with_columns(
+        amount=pl.when(pl.col("id") % 997 == 0).then(-5000.0).otherwise(pl.col("amount")),
+        type=pl.when(pl.col("id") % 1999 == 0).then(None).otherwise(pl.col("type")))
+    report = cb.from_arrow(df).sink_postgres(pg_dsn, "c", schema=pg_schema).run(progress=False, batch_size=5000)
+    assert_accounting(report)
+    bad = df.filter((pl.col("id") % 997 == 0) | (pl.col("id") % 1999 == 0))["id"].to_list()
+    assert sorted(int(i) for i in report.rejects["id"]) == bad
+    assert _count(pg_dsn, pg_schema, "c") == 20_000 - len(bad)
+
+
+def test_postgres_resume_skips_committed_units_and_refuses_a_changed_job(pg_dsn, pg_schema):
+    df = make_frame(1000)
+    calls = {"n": 0}
+
+    def flaky():
+        for start in range(0, 1000, 100):
+            if start == 500 and calls["n"] == 0:
+                calls["n"] += 1
+                raise RuntimeError("crash")
+            yield df.slice(start, 100)
+
+    pipeline = cb.from_batches(flaky, name="flaky").sink_postgres(pg_dsn, "r", schema=pg_schema)
+    with pytest.raises(RuntimeError):
+        pipeline.run(progress=False, batch_size=100)
+    done = _count(pg_dsn, pg_schema, "r")  # units queued behind the failure may or may not be committed
+    assert 0 <= done <= 500 and done % 100 == 0
+    with pytest.raises(cb.CheckpointError, match="different job definition"):
+        pipeline.filter(pl.col("id") > 0).run(progress=False, batch_size=100, resume=True)
+    report = pipeline.run(progress=False, batch_size=100, resume=True)
+    assert_accounting(report)
+    assert report.rows_resumed == done and report.rows_written == 1000 - done
+    got = pg_frame(pg_dsn, pg_schema, "r", order_by="id")
+    assert got["id"].to_list() == list(range(1, 1001))
+    again = pipeline.run(progress=False, batch_size=100, resume=True)
+    assert again.rows_written == 0 and _count(pg_dsn, pg_schema, "r") == 1000
+
+
+CHILD = textwrap.dedent("""
+    import sys, polars as pl, colbatch as cb
+    dsn, schema, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    df = pl.DataFrame({"id": pl.int_range(0, n, eager=True), "v": pl.int_range(0, n, eager=True).cast(pl.String)})
+    pipeline = cb.from_batches(lambda: (df.slice(s, 5000) for s in range(0, n, 5000)), name="kill-test")
+    pipeline.sink_postgres(dsn, "k", schema=schema).run(progress=False, batch_size=5000, resume="--resume" in sys.argv)
+""")
+
+
+def test_postgres_sigkill_mid_load_then_resume_gives_every_row_once(pg_dsn, pg_schema, tmp_path):
+    n = 400_000
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + str(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))}
+    child = subprocess.Popen([sys.executable, str(script), pg_dsn, pg_schema, str(n)], env=env)
+    ledger = sql.SQL("SELECT count(*) FROM {} WHERE row_count > 0").format(_ident(pg_schema, "colbatch_ledger"))
+    units = 0
+    try:
+        while child.poll() is None and units < 5:
+            try:
+                units = pg_query(pg_dsn, ledger)[0][0]
+            except Exception:  # the ledger table does not exist yet
+                units = 0
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait()
+    assert child.returncode == -signal.SIGKILL, "the load finished before it could be killed"
+    before = _count(pg_dsn, pg_schema, "k")
+    assert 0 < before < n and before % 5000 == 0  # only whole units are visible
+    subprocess.run([sys.executable, str(script), pg_dsn, pg_schema, str(n), "--resume"], env=env, check=True)
+    stats = pg_query(pg_dsn, sql.SQL("SELECT count(*), count(DISTINCT id), min(id), max(id) FROM {}").format(
+        _ident(pg_schema, "k")))[0]
+    assert stats == (n, n, 0, n - 1)
+    assert pg_query(pg_dsn, ledger)[0][0] == n // 5000
+
+
+def test_postgres_terminated_connection_is_retried_without_duplicates(pg_dsn, pg_schema):
+    df = make_frame(2000)
+    holder = {}
+
+    def batches():
+        for i, start in enumerate(range(0, 2000, 200)):
+            if i == 4:  # the sink has committed units by now: kill its backend between or during units
+                pid = holder["sink"]._conn.info.backend_pid
+                pg_query(pg_dsn, "SELECT pg_terminate_backend(%s)", (pid,))
+            yield df.slice(start, 200)
+
+    pipeline = cb.from_batches(batches, name="terminate").sink_postgres(pg_dsn, "t", schema=pg_schema, backoff_s=0.01)
+    holder["sink"] = pipeline.sink
+    report = pipeline.with_options(queue_items=1).run(progress=False, batch_size=200)
+    assert_accounting(report)
+    assert pipeline.sink.reconnects >= 1
+    got = pg_frame(pg_dsn, pg_schema, "t", order_by="id")
+    assert got["id"].to_list() == list(range(1, 2001))
+
+
+def test_postgres_errors_are_classified_for_retry():
+    import psycopg
+
+    assert is_transient(psycopg.errors.AdminShutdown("x")) and is_transient(psycopg.errors.SerializationFailure("x"))
+    assert is_transient(psycopg.errors.DeadlockDetected("x")) and is_transient(psycopg.OperationalError("lost"))
+    assert not is_transient(psycopg.errors.CheckViolation("x")) and is_data_error(psycopg.errors.CheckViolation("x"))
+    assert is_data_error(psycopg.errors.NumericValueOutOfRange("x")) and not is_data_error(psycopg.errors.SyntaxError("x"))
+
+
+HOSTILE = ['a"; DROP TABLE sentinel;--', "with space", "ünïcødé ☃", "select", "Mixed\"Case", "x" * 63]
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_postgres_hostile_identifiers_round_trip_and_sentinel_survives(pg_dsn, pg_schema, name):
+    pg_query(pg_dsn, sql.SQL("CREATE TABLE {} (x int)").format(_ident(pg_schema, "sentinel")))
+    df = pl.DataFrame({name: [1, 2], "ok": ["a", "b"]})
+    report = cb.from_arrow(df).sink_postgres(pg_dsn, name, schema=pg_schema, mode="create", key=name).run(progress=False)
+    assert report.rows_written == 2
+    got = pg_frame(pg_dsn, pg_schema, name, order_by=name)
+    assert got.columns == [name, "ok"] and got[name].to_list() == [1, 2]
+    back = cb.scan_postgres(pg_dsn, table=name, schema=pg_schema, partition_on=name, partitions=2)
+    out = back.foreach_batch(lambda d: None).run(progress=False)
+    assert out.rows_read == 2
+    assert _count(pg_dsn, pg_schema, "sentinel") == 0
+
+
+def test_postgres_identifier_over_63_bytes_fails_clearly(pg_dsn):
+    with pytest.raises(cb.ConfigError, match="at most 63 bytes"):
+        cb.from_arrow(make_frame(1)).sink_postgres(pg_dsn, "é" * 32)
+    with pytest.raises(cb.ConfigError, match="at most 63 bytes"):
+        cb.from_arrow(pl.DataFrame({"y" * 64: [1]})).sink_postgres(pg_dsn, "t").run(progress=False)
+
+
+def test_postgres_password_never_appears_in_outputs(pg_dsn, pg_schema, tmp_path, caplog):
+    canary = "CanaryPw-7f3a"
+    base = pg_dsn.split("://", 1)[1].split("@", 1)
+    dsn = f"postgresql://{base[0].split(':')[0]}:{canary}@{base[1]}"
+    assert canary not in mask_dsn(dsn) and canary not in mask_dsn(f"host=x password={canary} user=y")
+    pg_query(pg_dsn, sql.SQL("CREATE TABLE {} (id bigint, amount double precision CHECK (amount > 0), type text)")
+             .format(_ident(pg_schema, "p")))
+    caplog.set_level(logging.DEBUG)
+    pipeline = cb.from_arrow(make_frame(200)).sink_postgres(dsn, "p", schema=pg_schema).sink_rejects(tmp_path / "rej.csv")
+    report = pipeline.run(progress=False, max_error_rate=None)
+    assert report.rows_rejected > 0
+    texts = [repr(pipeline.sink), pipeline.sink.describe(), json.dumps(report.to_dict(), default=str),
+             (tmp_path / "rej.csv").read_text(), caplog.text, str(report)]
+    bad_port = dsn.replace(":5432", ":1")
+    with pytest.raises(cb.ColbatchError) as err:
+        cb.from_arrow(make_frame(1)).sink_postgres(bad_port, "p", retries=0).run(progress=False)
+    texts.append(str(err.value))
+    with pytest.raises(cb.ColbatchError) as err2:
+        cb.scan_postgres(dsn, "SELECT nonsense FROM nowhere")
+    texts.append(str(err2.value))
+    for text in texts:
+        assert canary not in text
+    rows = pg_query(pg_dsn, sql.SQL("SELECT * FROM {}").format(_ident(pg_schema, "colbatch_ledger")))
+    assert canary not in repr(rows)
+
+
+def test_postgres_job_file_sink(pg_dsn, pg_schema, tmp_path):
+    p = tmp_path / "in.csv"
+    make_frame(100).write_csv(p)
+    job = {"source": {"path": str(p)}, "sink": {"path": pg_dsn, "table": "j", "schema": pg_schema, "mode": "upsert",
+                                                 "key": "id"}}
+    report = build_job(job).run(progress=False)
+    report2 = build_job(job).run(progress=False)
+    assert report.rows_written == report2.rows_written == 100
+    assert _count(pg_dsn, pg_schema, "j") == 100
+    with pytest.raises(cb.ConfigError, match="needs a `table`"):
+        build_job({"source": {"path": str(p)}, "sink": {"path": pg_dsn}})
+    with pytest.raises(cb.ConfigError, match="`mode`"):
+        build_job({"source": {"path": str(p)}, "sink": {"path": pg_dsn, "table": "j", "mode": "merge"}})
