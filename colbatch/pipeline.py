@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -28,6 +29,8 @@ from colbatch.steps import (
     make_validate,
     make_with_columns,
 )
+from colbatch.udf.step import DEFAULT_CONCURRENCY, ExecutorName, MapBatches
+from colbatch.udf.step import DEFAULT_RETRIES as DEFAULT_UDF_RETRIES
 
 log = logging.getLogger("colbatch")
 
@@ -81,6 +84,43 @@ class Pipeline:
     def validate(self, rule: pl.Expr | str, *, name: str | None = None) -> Pipeline:
         """Reject rows where `rule` is false or null, with `name` as the reason."""
         return self._add(make_validate(rule, name))
+
+    def map_batches(self, fn: Callable[[pl.DataFrame], pl.DataFrame] | type, *, workers: int = 1,
+                    executor: ExecutorName | Executor | Any = "auto", ordered: bool = True,
+                    retries: int = DEFAULT_UDF_RETRIES, timeout: float | None = None,
+                    concurrency: int = DEFAULT_CONCURRENCY, isolate_rows: bool = False,
+                    schema: Mapping[str, Any] | None = None, max_in_flight: int | None = None,
+                    name: str = "") -> Pipeline:
+        """Apply a Python function `fn(pl.DataFrame) -> pl.DataFrame` to every batch.
+
+        `fn` may be a class: it is instantiated once per worker and its instances
+        are called with each batch. When `fn` raises, the batch's rows are
+        rejected with stage `udf` (bisected down to the failing rows with
+        `isolate_rows=True`); a batch whose worker died or ran past `timeout`
+        seconds is retried `retries` times, then rejected.
+
+        Args:
+            fn: The function or class.
+            workers: Worker processes; more than one makes `"processes"` the default executor.
+            executor: `"inline"`, `"threads"` (I/O-bound work, `concurrency` threads), `"processes"`,
+                a `concurrent.futures.Executor` or a `dask.distributed.Client`.
+            ordered: Keep the input order of batches (else emit them as they finish).
+            retries: Attempts after a worker is lost or a batch times out.
+            timeout: Seconds a batch may run; None for no limit.
+            concurrency: Threads of the `"threads"` executor.
+            isolate_rows: Bisect a failing batch so that only the rows that fail are rejected.
+            schema: The output schema, `{column: dtype}`; by default `fn` is called once on an empty frame.
+            max_in_flight: Batches submitted and not yet collected (default: 2 per worker).
+            name: The step's name in the report (default: the function's name).
+
+        Example:
+            >>> def score(df: pl.DataFrame) -> pl.DataFrame:
+            ...     return df.with_columns(pl.col("type").map_elements(len, return_dtype=pl.Int64).alias("n"))
+            >>> cb.scan_csv("data/sample/events.csv").map_batches(score, workers=2).sink_parquet("out.parquet")
+        """
+        return self._add(MapBatches(fn=fn, workers=workers, executor=executor, ordered=ordered, retries=retries,
+                                    timeout=timeout, concurrency=concurrency, isolate_rows=isolate_rows,
+                                    schema=schema, max_in_flight=max_in_flight, name=name))
 
     # -- sinks ------------------------------------------------------------------------------
 

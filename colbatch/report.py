@@ -51,7 +51,8 @@ class Report:
 
     def accounting_ok(self) -> bool:
         """Every stage balances and the totals agree with the stages."""
-        return all(s.balanced() for s in self.stages) and self.rows_read == (
+        created = sum(s.rows_created for s in self.stages)
+        return all(s.balanced() for s in self.stages) and self.rows_read + created == (
             self.rows_written + self.rows_filtered + self.rows_rejected
         )
 
