@@ -36,7 +36,7 @@ class StageStopped(Exception):
     """The run was stopped by another stage while this one waited."""
 
 
-@dataclass
+@dataclass(eq=False)  # identity: items are removed from the in-flight deque by object
 class _Item:
     batch: Batch
     df: pl.DataFrame  # the function's input, without the row-position column
