@@ -1,4 +1,4 @@
-"""Command line: `python -m colbatch run JOB.toml | demo | bench core`."""
+"""Command line: `python -m colbatch run JOB.toml | demo | bench core | bench udf`."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
     demo.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     bench = sub.add_parser("bench", help="benchmarks against Polars, DuckDB, pyarrow and plain Python")
-    bench.add_argument("suite", choices=["core"], help="which benchmark")
+    bench.add_argument("suite", choices=["core", "udf"], help="which benchmark")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="options of the suite (see `bench core --help`)")
     return parser
 
@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
             from colbatch.demo import run_demo
 
             return run_demo(args.out, progress=not args.no_progress)
+        if args.suite == "udf":
+            from colbatch.bench.udf import main as bench_udf
+
+            return bench_udf(args.args)
         from colbatch.bench.core import main as bench_main
 
         return bench_main(args.args)

@@ -253,6 +253,17 @@ def test_schema_probe_failure_is_a_udf_error(tmp_path):
         pipeline().map_batches(broken).sink_parquet(tmp_path / "o.parquet").run(progress=False)
 
 
+def test_untyped_output_column_asks_for_a_schema(tmp_path):
+    def untyped(df):
+        return df.with_columns(pl.Series("tag", ["x"] * df.height))
+
+    with pytest.raises(cb.UdfError, match="schema="):
+        pipeline().map_batches(untyped).sink_parquet(tmp_path / "o.parquet").run(progress=False)
+    report, out = run(pipeline().map_batches(untyped, schema={"id": "int64", "amount": "float64", "type": "str",
+                                                              "tag": "str"}), tmp_path / "o.parquet")
+    assert out["tag"].unique().to_list() == ["x"]
+
+
 # -- accounting ---------------------------------------------------------------------------------
 
 

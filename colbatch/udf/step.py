@@ -96,7 +96,14 @@ class MapBatches(Step):
         """The declared `schema`, or the function's output on an empty frame (run once, in the driver)."""
         if self.schema is not None:
             return pl.Schema({c: parse_dtype(t, column=c) for c, t in self.schema.items()})
-        return self.apply(pl.DataFrame(schema=schema)).data.schema
+        out = self.apply(pl.DataFrame(schema=schema)).data.schema
+        unknown = [c for c, t in out.items() if t == pl.Null]
+        if unknown:
+            # An empty input gives untyped columns (`pl.Series(name, [])`); guessing would fail at the sink.
+            raise UdfError(f"udf `{self.function}` gives column `{unknown[0]}` no type on an empty batch; give the "
+                           f"Series a dtype or pass `schema=` to map_batches", function=self.function,
+                           column=unknown[0])
+        return out
 
 
 def resolve_function(spec: str) -> Any:
