@@ -175,11 +175,17 @@ def test_threads_respect_the_concurrency_limit(tmp_path):
     assert 1 <= state["max"] <= 3
 
 
-def test_small_input_runs_inline_without_starting_workers(tmp_path):
-    p = pipeline().map_batches(add_label, workers=2).sink_parquet(tmp_path / "o.parquet")
-    report = p.run(progress=False, batch_size=10_000)
+def tag_pid(df: pl.DataFrame) -> pl.DataFrame:
+    return df.with_columns(pl.lit(os.getpid(), dtype=pl.Int64).alias("pid"))
+
+
+@pytest.mark.parametrize(("batch_size", "inline"), [(10_000, True), (BATCH, False)])
+def test_small_input_runs_inline_and_larger_input_on_workers(tmp_path, batch_size, inline):
+    p = pipeline().map_batches(tag_pid, workers=2).sink_parquet(tmp_path / "o.parquet")
+    report = p.run(progress=False, batch_size=batch_size)
+    pids = set(pl.read_parquet(tmp_path / "o.parquet")["pid"].unique())
     assert report.rows_written == 1000
-    assert multiprocessing.active_children() == []
+    assert (pids == {os.getpid()}) == inline and len(pids) <= 2
 
 
 # -- failures -----------------------------------------------------------------------------------
