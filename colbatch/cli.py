@@ -1,4 +1,4 @@
-"""Command line: `python -m colbatch run JOB.toml | demo | query SQL | bench core|agg`."""
+"""Command line: `python -m colbatch run JOB.toml | demo | query SQL | bench core|udf|agg|pg`."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--to", metavar="FILE", help="write the result to FILE instead of stdout")
     query.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     bench = sub.add_parser("bench", help="benchmarks against Polars, DuckDB, pyarrow and plain Python")
-    bench.add_argument("suite", choices=["core", "agg", "pg", "postgres"], help="which benchmark")
+    bench.add_argument("suite", choices=["core", "udf", "agg", "pg", "postgres"], help="which benchmark")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="options of the suite (see `bench core --help`)")
     return parser
 
@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
             from colbatch.bench.pg import main as pg_bench_main
 
             return pg_bench_main(args.args)
+        if args.suite == "udf":
+            from colbatch.bench.udf import main as bench_udf
+
+            return bench_udf(args.args)
         from colbatch.bench.core import main as bench_main
 
         return bench_main(args.args)

@@ -14,6 +14,8 @@ from colbatch.pipeline import Pipeline
 from colbatch.sinks.duckdb_table import DUCKDB_SUFFIXES
 from colbatch.sinks.files import format_of
 from colbatch.sources.files import strip_compression
+from colbatch.udf.backends import dask_client
+from colbatch.udf.step import resolve_function
 
 SOURCE_FORMATS = ("csv", "jsonl", "ndjson", "parquet", "ipc")
 STEP_KINDS = ("filter", "validate", "with_columns", "select", "rename", "cast")
@@ -118,7 +120,7 @@ def _step(pipeline: Pipeline, step: Any, i: int) -> Pipeline:
         raise ConfigError(f"steps[{i}] must be a table")
     kinds = [k for k in step if k in STEP_KINDS]
     if "udf" in step:
-        raise ConfigError(f"steps[{i}]: `udf` steps are not supported yet by this version of colbatch")
+        return _udf_step(pipeline, step, i)
     if len(kinds) != 1:
         raise ConfigError(f"steps[{i}] must have exactly one of {', '.join(STEP_KINDS)}; got {sorted(step)}")
     kind = kinds[0]
@@ -136,6 +138,22 @@ def _step(pipeline: Pipeline, step: Any, i: int) -> Pipeline:
     if kind == "rename":
         return pipeline.rename(value)
     return pipeline.cast(value)
+
+
+UDF_KEYS = ("udf", "name", "workers", "executor", "ordered", "retries", "timeout", "concurrency", "isolate_rows",
+            "schema", "max_in_flight")
+
+
+def _udf_step(pipeline: Pipeline, step: Mapping[str, Any], i: int) -> Pipeline:
+    _check_keys(step, UDF_KEYS, f"steps[{i}]")
+    fn = resolve_function(step["udf"]) if isinstance(step["udf"], str) else None
+    if fn is None:
+        raise ConfigError(f"steps[{i}].udf must be a string \"package.module:function\", got {step['udf']!r}")
+    options = {k: step[k] for k in UDF_KEYS[1:] if k in step}
+    executor = options.get("executor")
+    if isinstance(executor, str) and executor.startswith("tcp://"):
+        options["executor"] = dask_client(executor)
+    return pipeline.map_batches(fn, **options)
 
 
 def _sink(pipeline: Pipeline, sink: Any) -> Pipeline:

@@ -16,13 +16,15 @@ DEFAULT_SAMPLE_INTERVAL_S = 0.1
 
 @dataclass
 class StageMetrics:
-    """Rows and time of one stage; `rows_in = rows_out + rows_filtered + rows_rejected` must hold."""
+    """Rows and time of one stage; `rows_in + rows_created = rows_out + rows_filtered + rows_rejected` must hold."""
 
     name: str
     rows_in: int = 0
     rows_out: int = 0
     rows_filtered: int = 0
     rows_rejected: int = 0
+    # Rows a stage added (a UDF that returns more rows than it got); 0 for every other stage.
+    rows_created: int = 0
     bytes_in: int = 0
     busy_s: float = 0.0
     wait_s: float = 0.0
@@ -30,7 +32,7 @@ class StageMetrics:
 
     def balanced(self) -> bool:
         """True when the accounting invariant holds for this stage."""
-        return self.rows_in == self.rows_out + self.rows_filtered + self.rows_rejected
+        return self.rows_in + self.rows_created == self.rows_out + self.rows_filtered + self.rows_rejected
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields, times rounded to microseconds."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -32,6 +33,8 @@ from colbatch.steps import (
     make_with_columns,
     step_definition,
 )
+from colbatch.udf.step import DEFAULT_CONCURRENCY, ExecutorName, MapBatches
+from colbatch.udf.step import DEFAULT_RETRIES as DEFAULT_UDF_RETRIES
 
 log = logging.getLogger("colbatch")
 
@@ -112,6 +115,43 @@ class Pipeline:
         if not isinstance(sql, str) or not sql.strip():
             raise ConfigError(f"`aggregate` sql must be a non-empty string, got {sql!r}", value=sql)
         return replace(self, aggregation=AggregateSpec(sql))
+
+    def map_batches(self, fn: Callable[[pl.DataFrame], pl.DataFrame] | type, *, workers: int = 1,
+                    executor: ExecutorName | Executor | Any = "auto", ordered: bool = True,
+                    retries: int = DEFAULT_UDF_RETRIES, timeout: float | None = None,
+                    concurrency: int = DEFAULT_CONCURRENCY, isolate_rows: bool = False,
+                    schema: Mapping[str, Any] | None = None, max_in_flight: int | None = None,
+                    name: str = "") -> Pipeline:
+        """Apply a Python function `fn(pl.DataFrame) -> pl.DataFrame` to every batch.
+
+        `fn` may be a class: it is instantiated once per worker and its instances
+        are called with each batch. When `fn` raises, the batch's rows are
+        rejected with stage `udf` (bisected down to the failing rows with
+        `isolate_rows=True`); a batch whose worker died or ran past `timeout`
+        seconds is retried `retries` times, then rejected.
+
+        Args:
+            fn: The function or class.
+            workers: Worker processes; more than one makes `"processes"` the default executor.
+            executor: `"inline"`, `"threads"` (I/O-bound work, `concurrency` threads), `"processes"`,
+                a `concurrent.futures.Executor` or a `dask.distributed.Client`.
+            ordered: Keep the input order of batches (else emit them as they finish).
+            retries: Attempts after a worker is lost or a batch times out.
+            timeout: Seconds a batch may run; None for no limit.
+            concurrency: Threads of the `"threads"` executor.
+            isolate_rows: Bisect a failing batch so that only the rows that fail are rejected.
+            schema: The output schema, `{column: dtype}`; by default `fn` is called once on an empty frame.
+            max_in_flight: Batches submitted and not yet collected (default: 2 per worker).
+            name: The step's name in the report (default: the function's name).
+
+        Example:
+            >>> def score(df: pl.DataFrame) -> pl.DataFrame:
+            ...     return df.with_columns(pl.col("type").map_elements(len, return_dtype=pl.Int64).alias("n"))
+            >>> cb.scan_csv("data/sample/events.csv").map_batches(score, workers=2).sink_parquet("out.parquet")
+        """
+        return self._add(MapBatches(fn=fn, workers=workers, executor=executor, ordered=ordered, retries=retries,
+                                    timeout=timeout, concurrency=concurrency, isolate_rows=isolate_rows,
+                                    schema=schema, max_in_flight=max_in_flight, name=name))
 
     # -- sinks ------------------------------------------------------------------------------
 
@@ -247,9 +287,14 @@ class Pipeline:
         collector = RejectCollector(rejects_sink, columns=list(pipeline.source.schema),
                                     keep=DEFAULT_KEEP_REJECTS)
         job = pipeline.job_identity() if sink.supports_resume else None
+        steps = pipeline.steps
+        if job is not None and any(isinstance(s, MapBatches) and not s.ordered for s in steps):
+            # A ledger names committed work by (split, first row): batches must reach the sink in order.
+            log.info("map_batches(ordered=False) runs ordered: %s keeps a resume ledger", sink.describe())
+            steps = tuple(replace(s, ordered=True) if isinstance(s, MapBatches) else s for s in steps)
         # In-memory data can change under the same description, so "already done" is only
         # trusted for stable sources (files, tables); resume works for any re-readable source.
-        runner = Runner(pipeline.source, pipeline.steps, sink, collector, pipeline.options,
+        runner = Runner(pipeline.source, steps, sink, collector, pipeline.options,
                         job=job, resume=resume, overwrite=overwrite or not pipeline.source.stable)
         try:
             try:

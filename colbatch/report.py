@@ -60,7 +60,8 @@ class Report:
     def accounting_ok(self) -> bool:
         """Every stage balances and the totals agree with the stages."""
         delivered = self.rows_written if self.rows_aggregated is None else self.rows_aggregated
-        return all(s.balanced() for s in self.stages) and self.rows_read == (
+        created = sum(s.rows_created for s in self.stages)
+        return all(s.balanced() for s in self.stages) and self.rows_read + created == (
             delivered + self.rows_filtered + self.rows_rejected
         )
 

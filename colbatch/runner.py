@@ -7,7 +7,7 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,6 +24,8 @@ from colbatch.sinks.base import Sink
 from colbatch.sources.base import Source
 from colbatch.sources.files import is_transient
 from colbatch.steps import ROW_COL, Step
+from colbatch.udf.stage import StageStopped, UdfStage
+from colbatch.udf.step import MapBatches
 
 log = logging.getLogger("colbatch")
 
@@ -159,15 +161,9 @@ class Runner:
             raise _Stop()
 
     def _transform(self, inp: ByteQueue, out: ByteQueue) -> None:
+        udf_stages: list = []
         try:
-            while True:
-                t0 = time.perf_counter()
-                batch = inp.get(self._stop)
-                if self.step_stages:
-                    self.step_stages[0].wait_s += time.perf_counter() - t0
-                if batch is None:
-                    break
-                result = self._apply_steps(batch)
+            for result in self._transformed(self._inputs(inp), udf_stages):
                 self._check_thresholds()
                 t1 = time.perf_counter()
                 if not out.put(result, result.bytes_read, self._stop):
@@ -175,15 +171,48 @@ class Runner:
                 if self.step_stages:
                     self.step_stages[-1].blocked_s += time.perf_counter() - t1
         except BaseException as exc:
-            self._fail(exc)
+            self._fail(_Stop() if isinstance(exc, StageStopped) else exc)
         finally:
+            for stage in udf_stages:
+                stage.close()
             out.put(None, 0, self._stop)
 
-    def _apply_steps(self, batch: Batch) -> Batch:
+    def _inputs(self, inp: ByteQueue) -> Iterator[Batch]:
+        while True:
+            t0 = time.perf_counter()
+            batch = inp.get(self._stop)
+            if self.step_stages:
+                self.step_stages[0].wait_s += time.perf_counter() - t0
+            if batch is None:
+                return
+            yield batch
+
+    def _transformed(self, batches: Iterator[Batch], udf_stages: list) -> Iterator[Batch]:
+        """Chain the steps: runs of vectorised steps in this thread, each UDF as a pipelined stage."""
+        stream, start = batches, 0
+        cuts = [i for i, step in enumerate(self.steps) if isinstance(step, MapBatches)]
+        for cut in [*cuts, len(self.steps)]:
+            if cut > start:
+                stream = self._vectorised(stream, start, cut)
+            if cut < len(self.steps):
+                stage = UdfStage(self.steps[cut], self.step_stages[cut], self._on_reject, self._stop)
+                udf_stages.append(stage)
+                stream = stage.run(stream)
+            start = cut + 1
+        for batch in stream:
+            if ROW_COL in batch.data.columns:
+                batch.data = batch.data.drop(ROW_COL)
+            yield batch
+
+    def _vectorised(self, batches: Iterator[Batch], start: int, stop: int) -> Iterator[Batch]:
+        for batch in batches:
+            yield self._apply_steps(batch, start, stop)
+
+    def _apply_steps(self, batch: Batch, start: int = 0, stop: int | None = None) -> Batch:
         df = batch.data
-        if self._needs_rows:
+        if self._needs_rows and ROW_COL not in df.columns:
             df = df.with_row_index(ROW_COL)
-        for step, stage in zip(self.steps, self.step_stages):
+        for step, stage in zip(self.steps[start:stop], self.step_stages[start:stop]):
             t0 = time.perf_counter()
             res = step.apply(df)
             stage.busy_s += time.perf_counter() - t0
@@ -202,10 +231,8 @@ class Runner:
             stage.rows_filtered += res.filtered
             stage.rows_rejected += rejected
             df = res.data
-        if ROW_COL in df.columns:
-            df = df.drop(ROW_COL)
         return Batch(df, batch.split, first_row=batch.first_row, rows_read=batch.rows_read,
-                     first_line=batch.first_line, bytes_read=batch.bytes_read)
+                     first_line=batch.first_line, bytes_read=batch.bytes_read, line_fn=batch.line_fn)
 
     def _check_thresholds(self, *, final: bool = False) -> None:
         o = self.options

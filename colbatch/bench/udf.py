@@ -1,0 +1,277 @@
+"""`python -m colbatch bench udf`: Python UDFs on colbatch's executors against the usual alternatives.
+
+CPU-bound: a pure-Python per-row UDF (string hashing and arithmetic) over
+generated rows in 64k-row batches, run by colbatch inline and on 1 and 2
+worker processes, by Polars `map_batches` and `map_elements` in one process,
+and by `multiprocessing.Pool` over pickled pandas chunks. Runs are interleaved
+and the table shows medians. I/O-bound: one HTTP request per batch to a local
+server on 127.0.0.1 that answers after ~10 ms, sequential vs 32 threads.
+
+Example:
+    $ python -m colbatch bench udf --rows 2000000 --runs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import polars as pl
+
+# The issue's size: start-up costs are small next to 2M rows of per-row Python work.
+DEFAULT_ROWS = 2_000_000
+DEFAULT_RUNS = 3
+BATCH_ROWS = 65_536
+# Simulated latency of the HTTP service in the I/O-bound case.
+HTTP_LATENCY_S = 0.010
+HTTP_BATCHES = 200
+HTTP_BATCH_ROWS = 1_000
+HTTP_THREADS = 32
+FLAT_FACTOR = 10
+_MB = 1 << 20
+
+
+def score(name: str, x: float) -> int:
+    """Per-row Python: a polynomial string hash mixed with the amount, the kind of code Polars cannot vectorise."""
+    h = 7
+    for ch in name:
+        h = (h * 31 + ord(ch)) % 1_000_003
+    return (h + int(x * 100)) % 9973
+
+
+def cpu_udf(df: pl.DataFrame) -> pl.DataFrame:
+    """The CPU-bound UDF on a Polars batch."""
+    scores = [score(n, x) for n, x in zip(df["name"].to_list(), df["x"].to_list())]
+    return df.with_columns(pl.Series("score", scores, dtype=pl.Int64))
+
+
+def _row_score(row: dict) -> int:
+    return score(row["name"], row["x"])
+
+
+def pandas_udf(chunk):
+    """The same work on a pandas chunk (the multiprocessing.Pool contender)."""
+    chunk = chunk.copy()
+    chunk["score"] = [score(n, x) for n, x in zip(chunk["name"], chunk["x"])]
+    return chunk
+
+
+def make_batch(start: int, rows: int) -> pl.DataFrame:
+    """Rows `start .. start+rows` of the deterministic input: id, name (8–15 chars), x."""
+    ids = np.arange(start, start + rows, dtype=np.int64)
+    names = pl.Series("n", ids % 100_003).cast(pl.String)
+    return pl.DataFrame({"id": ids, "name": ("user-" + names).alias("name"), "x": (ids % 1000) / 7.0})
+
+
+def batches(rows: int) -> Iterator[pl.DataFrame]:
+    """The input generated batch by batch, so colbatch's memory does not hold it whole."""
+    for start in range(0, rows, BATCH_ROWS):
+        yield make_batch(start, min(BATCH_ROWS, rows - start))
+
+
+# -- contenders (each returns the output's row count and checksum) ------------------------------
+
+
+def run_colbatch(rows: int, *, executor: str, workers: int, frame: pl.DataFrame | None = None) -> tuple[int, int, dict]:
+    """colbatch over the pre-built `frame` like the other contenders, or over generated batches (memory check)."""
+    import colbatch as cb
+
+    totals = {"rows": 0, "sum": 0}
+
+    def collect(df: pl.DataFrame) -> None:
+        totals["rows"] += df.height
+        totals["sum"] += int(df["score"].sum())
+
+    chunks = (lambda: batches(rows)) if frame is None else (lambda: frame.iter_slices(BATCH_ROWS))
+    report = (cb.from_batches(lambda: (b.to_arrow().to_batches()[0] for b in chunks()),
+                              schema={"id": "int64", "name": "str", "x": "float64"})
+              .map_batches(cpu_udf, workers=workers, executor=executor,
+                           schema={"id": "int64", "name": "str", "x": "float64", "score": "int64"})
+              .foreach_batch(collect, retries=0)
+              .run(progress=False, batch_size=BATCH_ROWS))
+    return totals["rows"], totals["sum"], {"peak_rss_mb": report.peak_rss_bytes / _MB}
+
+
+def run_polars_map_batches(frame: pl.DataFrame) -> tuple[int, int, dict]:
+    out = frame.lazy().map_batches(cpu_udf, schema={**frame.schema, "score": pl.Int64}).collect()
+    return out.height, int(out["score"].sum()), {}
+
+
+def run_polars_map_elements(frame: pl.DataFrame) -> tuple[int, int, dict]:
+    out = frame.with_columns(pl.struct("name", "x").map_elements(_row_score, return_dtype=pl.Int64).alias("score"))
+    return out.height, int(out["score"].sum()), {}
+
+
+def run_mp_pool(frame: pl.DataFrame) -> tuple[int, int, dict]:
+    pdf = frame.to_pandas()
+    chunks = (pdf.iloc[i:i + BATCH_ROWS] for i in range(0, len(pdf), BATCH_ROWS))
+    rows = total = 0
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        for out in pool.imap(pandas_udf, chunks):
+            rows += len(out)
+            total += int(out["score"].sum())
+    return rows, total, {}
+
+
+# -- measurement --------------------------------------------------------------------------------
+
+
+def _timed(fn: Callable[[], tuple[int, int, dict]]) -> tuple[float, int, int, dict]:
+    t0 = time.perf_counter()
+    rows, checksum, extra = fn()
+    return time.perf_counter() - t0, rows, checksum, extra
+
+
+def transport_share() -> dict[str, float]:
+    """Seconds to move one 64k-row batch through a segment and back vs the UDF's own time on it."""
+    from colbatch.udf.transport import Segment, ipc_size, read_ipc, write_ipc
+
+    df = make_batch(0, BATCH_ROWS)
+    inp, out = Segment(df.estimated_size() * 2), Segment(df.estimated_size() * 3)
+    try:
+        moves, fns = [], []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            table = df.to_arrow()
+            n = write_ipc(table, inp.shm.buf)  # driver → segment
+            got = read_ipc(inp.shm.buf, n, copy=False)  # worker reads zero-copy
+            t1 = time.perf_counter()
+            res = cpu_udf(got)
+            t2 = time.perf_counter()
+            rt = res.to_arrow()
+            ipc_size(rt)
+            m = write_ipc(rt, out.shm.buf)  # worker → segment
+            out.read(m)  # driver copies out
+            t3 = time.perf_counter()
+            moves.append((t1 - t0) + (t3 - t2))
+            fns.append(t2 - t1)
+            del got, res, rt, table
+        move, fn = statistics.median(moves), statistics.median(fns)
+        return {"transport_ms": move * 1e3, "udf_ms": fn * 1e3, "share": move / (move + fn)}
+    finally:
+        inp.release()
+        out.release()
+
+
+def io_bench() -> dict[str, float]:
+    """Sequential vs threads for a UDF that makes one ~10 ms HTTP call per batch."""
+    import colbatch as cb
+
+    # The server runs in its own process, like a real service: in this one it would take the GIL
+    # from the very threads being measured.
+    server = subprocess.Popen([sys.executable, "-c", _SERVER.format(latency=HTTP_LATENCY_S)], stdout=subprocess.PIPE,
+                              text=True)
+    url = f"http://127.0.0.1:{int(server.stdout.readline())}/"
+
+    def call_api(df: pl.DataFrame) -> pl.DataFrame:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            value = int(resp.read())
+        return df.with_columns(pl.lit(value, dtype=pl.Int64).alias("api"))
+
+    out: dict[str, float] = {}
+    try:
+        for label, executor in (("sequential", "inline"), (f"{HTTP_THREADS} threads", "threads")):
+            t0 = time.perf_counter()
+            report = (cb.from_batches(lambda: (make_batch(i * HTTP_BATCH_ROWS, HTTP_BATCH_ROWS).to_arrow().to_batches()[0]
+                                               for i in range(HTTP_BATCHES)),
+                                      schema={"id": "int64", "name": "str", "x": "float64"})
+                      .map_batches(call_api, executor=executor, concurrency=HTTP_THREADS,
+                                   schema={"id": "int64", "name": "str", "x": "float64", "api": "int64"})
+                      .foreach_batch(lambda df: None, retries=0)
+                      .run(progress=False, batch_size=HTTP_BATCH_ROWS))
+            assert report.rows_written == HTTP_BATCHES * HTTP_BATCH_ROWS
+            out[label] = time.perf_counter() - t0
+    finally:
+        server.kill()
+        server.wait()
+    return out
+
+
+_SERVER = """
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class Slow(BaseHTTPRequestHandler):
+    def do_GET(self):
+        time.sleep({latency})
+        self.send_response(200)
+        self.send_header("Content-Length", "1")
+        self.end_headers()
+        self.wfile.write(b"7")
+
+    def log_message(self, *args):
+        pass
+
+class Server(ThreadingHTTPServer):
+    request_queue_size = 256  # the default backlog of 5 would refuse most of 32 concurrent connects
+    daemon_threads = True
+
+server = Server(("127.0.0.1", 0), Slow)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+def _flat_child(rows: int) -> None:
+    _, n, _, extra = _timed(lambda: run_colbatch(rows, executor="processes", workers=2))
+    print(json.dumps({"rows": n, **extra}))
+
+
+def main(argv: Sequence[str]) -> int:
+    """Run the UDF benchmark and print its tables; returns 0 when every contender's output checks out."""
+    parser = argparse.ArgumentParser(prog="python -m colbatch bench udf", description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=DEFAULT_ROWS, help="rows of input (default %(default)s)")
+    parser.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="runs per contender (default %(default)s)")
+    parser.add_argument("--flat", action="store_true", help=f"peak RSS of colbatch at 1x and {FLAT_FACTOR}x rows")
+    parser.add_argument("--flat-child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(list(argv))
+    if args.flat_child:
+        _flat_child(args.flat_child)
+        return 0
+    frame = pl.concat(list(batches(args.rows))).rechunk()
+    contenders: dict[str, Callable[[], tuple[int, int, dict]]] = {
+        "colbatch 2 workers": lambda: run_colbatch(args.rows, executor="processes", workers=2, frame=frame),
+        "colbatch 1 worker": lambda: run_colbatch(args.rows, executor="processes", workers=1, frame=frame),
+        "colbatch inline": lambda: run_colbatch(args.rows, executor="inline", workers=1, frame=frame),
+        "polars map_batches": lambda: run_polars_map_batches(frame),
+        "polars map_elements": lambda: run_polars_map_elements(frame),
+        "multiprocessing.Pool (pandas, 2)": lambda: run_mp_pool(frame),
+    }
+    times: dict[str, list[float]] = {k: [] for k in contenders}
+    checks: dict[str, tuple[int, int]] = {}
+    for _ in range(args.runs):
+        for name, fn in contenders.items():
+            elapsed, rows, checksum, _ = _timed(fn)
+            times[name].append(elapsed)
+            checks[name] = (rows, checksum)
+    ok = len(set(checks.values())) == 1 and next(iter(checks.values()))[0] == args.rows
+    ref = statistics.median(times["colbatch 2 workers"])
+    print(f"\nCPU-bound UDF: {args.rows:,} rows in {BATCH_ROWS:,}-row batches, median of {args.runs} run(s)")
+    print(f"{'contender':<34}{'median s':>10}{'rows/s':>14}{'time / colbatch 2w':>22}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"{name:<34}{med:>10.2f}{args.rows / med:>14,.0f}{med / ref:>21.2f}x")
+    print(f"outputs agree (rows, checksum): {ok}")
+    share = transport_share()
+    print(f"\ntransport of one 64k batch (IPC into shared memory and back): {share['transport_ms']:.2f} ms vs "
+          f"UDF {share['udf_ms']:.2f} ms → {share['share']:.1%} of worker time")
+    io = io_bench()
+    seq, thr = io["sequential"], io[f"{HTTP_THREADS} threads"]
+    print(f"\nI/O-bound UDF: {HTTP_BATCHES} batches, one ~{HTTP_LATENCY_S * 1e3:.0f} ms HTTP call each (127.0.0.1)")
+    print(f"sequential {seq:.2f} s, {HTTP_THREADS} threads {thr:.2f} s → {seq / thr:.1f}x")
+    if args.flat:
+        print(f"\npeak RSS, colbatch 2 workers (driver + workers), fresh process per size:")
+        for rows in (args.rows, args.rows * FLAT_FACTOR):
+            res = subprocess.run([sys.executable, "-m", "colbatch", "bench", "udf", "--flat-child", str(rows)],
+                                 capture_output=True, text=True, check=True)
+            info = json.loads(res.stdout.strip().splitlines()[-1])
+            print(f"{rows:>12,} rows: {info['peak_rss_mb']:,.0f} MiB")
+    return 0 if ok else 1

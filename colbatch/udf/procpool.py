@@ -1,0 +1,281 @@
+"""A crash-safe pool of UDF worker processes fed through reused shared-memory segments.
+
+Unlike `concurrent.futures.ProcessPoolExecutor`, a worker that dies (SIGKILL,
+segfault, out of memory) or overruns its timeout fails only its own task: the
+slot is refilled with a fresh process when next needed and the pool goes on.
+One dispatcher thread owns all workers; it waits on their sockets (a dead
+worker's reads as end-of-file) and a wake-up pipe, so nothing polls and
+nothing can hang.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import multiprocessing as mp
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+
+import polars as pl
+
+from colbatch.udf.transport import Segment, ipc_size, write_ipc
+from colbatch.udf.worker import Failure
+
+# Seconds a worker gets to exit after being asked before it is killed at shutdown.
+DEFAULT_EXIT_GRACE_S = 2.0
+
+
+class WorkerLost(Exception):
+    """A worker process died while running a task (killed, crashed, out of memory)."""
+
+
+class TaskTimeout(Exception):
+    """A task ran longer than the pool's timeout; its worker was killed."""
+
+
+@dataclass
+class PoolStats:
+    """Where the pool's time went: the user's function vs moving data, in seconds."""
+
+    tasks: int = 0
+    fn_s: float = 0.0
+    worker_transport_s: float = 0.0
+    driver_transport_s: float = 0.0
+    workers_started: int = 0
+    workers_lost: int = 0
+
+
+@dataclass
+class _Task:
+    id: int
+    df: pl.DataFrame
+    future: Future
+    started: float = 0.0
+
+
+@dataclass
+class _Slot:
+    process: subprocess.Popen | None = None
+    conn: Connection | None = None
+    inp: Segment | None = None
+    out: Segment | None = None
+    task: _Task | None = None
+    pending_grow: bool = field(default=False)
+
+
+class ProcessPool:
+    """Runs `fn(df)` on `workers` processes; `submit` returns a Future of a DataFrame or a failure.
+
+    A task's future raises `WorkerLost` or `TaskTimeout` when its worker is
+    lost, and resolves to a `Failure` when the user's function raised.
+    """
+
+    def __init__(self, blob: bytes, workers: int, *, timeout: float | None = None) -> None:
+        self._blob = blob
+        self._timeout = timeout
+        self._slots = [_Slot() for _ in range(workers)]
+        self._queue: collections.deque[_Task] = collections.deque()
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._wake_r, self._wake_w = mp.Pipe(duplex=False)
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.stats = PoolStats()
+
+    # -- public -----------------------------------------------------------------------------
+
+    def submit(self, df: pl.DataFrame) -> Future:
+        """Queue one batch; workers and the dispatcher start on first use."""
+        fut: Future = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the process pool is shut down")
+            self._queue.append(_Task(next(self._ids), df, fut))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._dispatch, name="colbatch-udf-pool", daemon=True)
+                self._thread.start()
+        self._wake_w.send_bytes(b"")
+        return fut
+
+    def shutdown(self) -> None:
+        """Stop workers (kill the ones that do not exit), fail queued tasks, unlink every segment."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._wake_w.send_bytes(b"")
+        if self._thread is not None:
+            self._thread.join()
+        else:
+            self._close_all()
+
+    @property
+    def live_workers(self) -> list[int]:
+        """Process ids of the workers alive now."""
+        return [s.process.pid for s in self._slots if s.process is not None and s.process.poll() is None]
+
+    # -- dispatcher -------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    if self._closed:
+                        break
+                self._assign()
+                waitables: list = [self._wake_r]
+                for slot in self._slots:
+                    if slot.task is not None:
+                        waitables.append(slot.conn)  # a dead worker's socket reads as EOF
+                for ready in wait(waitables, timeout=self._next_deadline()):
+                    if ready is self._wake_r:
+                        while self._wake_r.poll():
+                            self._wake_r.recv_bytes()
+                for slot in self._slots:
+                    if slot.task is not None:
+                        self._service(slot)
+        finally:
+            self._close_all()
+
+    def _next_deadline(self) -> float | None:
+        if self._timeout is None:
+            return None
+        starts = [s.task.started for s in self._slots if s.task is not None]
+        if not starts:
+            return None
+        return max(0.0, min(starts) + self._timeout - time.perf_counter())
+
+    def _assign(self) -> None:
+        for slot in self._slots:
+            if slot.task is not None:
+                continue
+            with self._lock:
+                if not self._queue:
+                    return
+                task = self._queue.popleft()
+            if not task.future.set_running_or_notify_cancel():
+                continue
+            try:
+                self._start_task(slot, task)
+            except BaseException as exc:  # a failure to start a worker is ours, not the user's
+                slot.task = None
+                task.future.set_exception(exc)
+
+    def _start_task(self, slot: _Slot, task: _Task) -> None:
+        if slot.process is None or slot.process.poll() is not None:
+            self._start_worker(slot)
+        t0 = time.perf_counter()
+        table = task.df.to_arrow()
+        need = ipc_size(table)
+        if slot.inp is None or need > slot.inp.capacity:
+            if slot.inp is not None:
+                slot.inp.release()
+            slot.inp = Segment(need)
+        nbytes = write_ipc(table, slot.inp.shm.buf)
+        del table
+        if slot.out is None:
+            slot.out = Segment(slot.inp.capacity)
+        self.stats.driver_transport_s += time.perf_counter() - t0
+        task.df = None  # type: ignore[assignment]  # the worker has it now; free driver memory
+        task.started = time.perf_counter()
+        slot.task = task
+        slot.conn.send((task.id, slot.inp.name, nbytes, slot.out.name, slot.out.capacity))
+
+    def _start_worker(self, slot: _Slot) -> None:
+        self._drop_worker(slot)
+        # A plain interpreter on one end of a socket pair, not multiprocessing's spawn: spawn
+        # re-runs the user's `__main__` script in every worker; the function travels pickled anyway.
+        ours, theirs = socket.socketpair()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "colbatch.udf", str(theirs.fileno())],
+                                    pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        slot.process, slot.conn = proc, Connection(ours.detach())
+        slot.conn.send_bytes(self._blob)
+        self.stats.workers_started += 1
+
+    def _service(self, slot: _Slot) -> None:
+        task = slot.task
+        assert task is not None
+        if slot.conn.poll():
+            try:
+                msg = slot.conn.recv()
+            except (EOFError, OSError):
+                msg = None  # the worker is gone: the pipe closed with the process
+                slot.conn.close()
+            if msg is not None:
+                self._answer(slot, task, msg)
+                return
+        if slot.process.poll() is not None or slot.conn.closed:
+            code = slot.process.wait()
+            self.stats.workers_lost += 1
+            self._drop_worker(slot)
+            slot.task = None
+            task.future.set_exception(WorkerLost(f"worker process died (exit code {code}) while running the batch"))
+            return
+        if self._timeout is not None and time.perf_counter() - task.started > self._timeout:
+            self.stats.workers_lost += 1
+            self._drop_worker(slot)
+            slot.task = None
+            task.future.set_exception(TaskTimeout(f"the batch ran longer than timeout={self._timeout:g}s"))
+
+    def _answer(self, slot: _Slot, task: _Task, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "grow":
+            slot.out.release()
+            slot.out = Segment(msg[2])
+            slot.conn.send((slot.out.name, slot.out.capacity))
+            return
+        slot.task = None
+        if kind == "error":
+            failure: Failure = msg[2]
+            task.future.set_result(failure)
+            return
+        _, _, nbytes, fn_s, transport_s = msg
+        t0 = time.perf_counter()
+        df = slot.out.read(nbytes)
+        self.stats.driver_transport_s += time.perf_counter() - t0
+        self.stats.tasks += 1
+        self.stats.fn_s += fn_s
+        self.stats.worker_transport_s += transport_s
+        task.future.set_result(df)
+
+    def _drop_worker(self, slot: _Slot) -> None:
+        if slot.process is not None:
+            if slot.process.poll() is None:
+                slot.process.kill()
+            slot.process.wait()
+            slot.process = None
+        if slot.conn is not None:
+            slot.conn.close()
+            slot.conn = None
+
+    def _close_all(self) -> None:
+        for slot in self._slots:
+            if slot.process is not None and slot.process.poll() is None and slot.task is None:
+                try:
+                    slot.conn.send(None)
+                    slot.process.wait(timeout=DEFAULT_EXIT_GRACE_S)
+                except (OSError, ValueError, subprocess.TimeoutExpired):
+                    pass
+            if slot.task is not None:
+                slot.task.future.cancel() or slot.task.future.set_exception(WorkerLost("the pool was shut down"))
+                slot.task = None
+            self._drop_worker(slot)
+            for seg in (slot.inp, slot.out):
+                if seg is not None:
+                    seg.release()
+            slot.inp = slot.out = None
+        with self._lock:
+            queued, self._queue = list(self._queue), collections.deque()
+        for task in queued:
+            task.future.cancel()

@@ -1,0 +1,129 @@
+"""What runs inside a UDF worker: loading the user's function once, calling it, and the process loop.
+
+A UDF is either a function `fn(df) -> df` or a class whose instances are such
+functions; a class is instantiated once per worker (process, thread or Dask
+worker), so its `__init__` can open a connection or load a model once.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import cloudpickle
+import polars as pl
+
+from colbatch.udf.transport import attach, from_ipc_bytes, ipc_size, read_ipc, to_ipc_bytes, write_ipc
+
+# Worker-side cache of loaded functions, keyed by the UDF's token: a process that serves
+# many batches (a Dask or ProcessPool worker) unpickles and instantiates the UDF only once.
+_LOADED: dict[str, Callable[[pl.DataFrame], Any]] = {}
+_LOAD_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Failure:
+    """The user's function raised: what, as text, because the exception itself may not pickle."""
+
+    error_type: str
+    message: str
+    traceback: str
+
+
+def function_name(fn: Any) -> str:
+    """A readable `module:qualname` for a function, class or callable object."""
+    target = fn if isinstance(fn, type) or hasattr(fn, "__qualname__") else type(fn)
+    return f"{getattr(target, '__module__', '?')}:{getattr(target, '__qualname__', repr(target))}"
+
+
+def instantiate(fn: Any) -> Callable[[pl.DataFrame], Any]:
+    """The callable to run batches with: a class is instantiated (its `__init__` runs here)."""
+    return fn() if isinstance(fn, type) else fn
+
+
+def load(token: str, blob: bytes) -> Callable[[pl.DataFrame], Any]:
+    """Unpickle and instantiate the UDF once per process, then reuse it."""
+    with _LOAD_LOCK:
+        fn = _LOADED.get(token)
+        if fn is None:
+            fn = _LOADED[token] = instantiate(cloudpickle.loads(blob))
+        return fn
+
+
+def call(fn: Callable[[pl.DataFrame], Any], df: pl.DataFrame) -> pl.DataFrame | Failure:
+    """Call the user's function; its exceptions and wrong return types become a Failure."""
+    try:
+        out = fn(df)
+    except Exception as exc:  # any exception of the user's code is data, not a crash of ours
+        return Failure(type(exc).__name__, str(exc), traceback.format_exc(limit=-8))
+    if not isinstance(out, pl.DataFrame):
+        return Failure("TypeError", f"the function must return a polars DataFrame, got `{type(out).__name__}`", "")
+    return out
+
+
+def run_ipc_task(token: str, blob: bytes, data: bytes) -> bytes | Failure:
+    """Entry point on a generic executor (ProcessPoolExecutor, Dask): IPC bytes in, IPC bytes out."""
+    result = call(load(token, blob), from_ipc_bytes(data))
+    return result if isinstance(result, Failure) else to_ipc_bytes(result)
+
+
+def process_main(conn: Connection) -> None:
+    """Loop of a pool worker process: receive a task naming two segments, answer with a small message.
+
+    The first message is the pickled function. Then messages in: `(task_id, in_name, in_bytes, out_name, out_capacity)`, a new
+    output segment `(out_name, out_capacity)` after a "grow" answer, or None to
+    exit. Answers: `("ok", task_id, out_bytes, fn_s, transport_s)`,
+    `("error", task_id, Failure)`, `("grow", task_id, bytes_needed)`.
+    """
+    # Ctrl-C is the driver's to handle; a worker interrupted mid-batch would look like a crash.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    fn = instantiate(cloudpickle.loads(conn.recv_bytes()))
+    segments: dict[str, Any] = {}
+
+    def segment(name: str):
+        if name not in segments:
+            segments[name] = attach(name)
+        return segments[name]
+
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        task_id, in_name, in_bytes, out_name, out_capacity = msg
+        t0 = time.perf_counter()
+        df = read_ipc(segment(in_name).buf, in_bytes, copy=False)
+        t1 = time.perf_counter()
+        out = call(fn, df)
+        t2 = time.perf_counter()
+        if isinstance(out, Failure):
+            conn.send(("error", task_id, out))
+            continue
+        table = out.to_arrow()
+        need = ipc_size(table)
+        if need > out_capacity:
+            conn.send(("grow", task_id, need))
+            out_name, out_capacity = conn.recv()
+        written = write_ipc(table, segment(out_name).buf)
+        del df, out, table
+        _forget_stale(segments, keep=(in_name, out_name))
+        conn.send(("ok", task_id, written, t2 - t1, (t1 - t0) + (time.perf_counter() - t2)))
+
+
+def _forget_stale(segments: dict[str, Any], keep: tuple[str, ...]) -> None:
+    """Close segments the driver replaced (it unlinks them); a still-exported one is just dropped."""
+    for name in [n for n in segments if n not in keep]:
+        try:
+            segments.pop(name).close()
+        except BufferError:
+            pass
+
+
