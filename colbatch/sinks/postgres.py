@@ -22,6 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 
+from colbatch import faults
 from colbatch.batch import Batch, Split
 from colbatch.errors import ColbatchError, ConfigError, SinkError
 from colbatch.ledger import Committed, JobIdentity, digest
@@ -129,7 +130,9 @@ class PostgresSink(Sink):
                 conn = self._connection()
                 with conn.cursor() as cur:
                     out = work(cur, attempt)
+                faults.point("pg-before-commit")
                 conn.commit()
+                faults.point("pg-after-commit")
                 return out
             except Exception as exc:
                 transient = is_transient(exc)
@@ -145,6 +148,7 @@ class PostgresSink(Sink):
                             sqlstate(exc) or "connection lost", attempt + 1, self.retries, delay)
                 self._drop_connection()
                 self.reconnects += 1
+                self.retried += 1
                 self._sleep(delay)
                 attempt += 1
 
