@@ -31,7 +31,7 @@ def run_demo(out_dir: str | os.PathLike = "out/demo", *, progress: bool = True) 
     """Run the demo job, print its report, then query the outputs with DuckDB."""
     if not (DATA_DIR / "events.csv").exists():
         raise cb.SourceError(f"sample data not found in `{DATA_DIR}`; run `python data/make_sample.py`")
-    report = demo_pipeline(out_dir).run(progress=progress)
+    report = demo_pipeline(out_dir).run(progress=progress, overwrite=True)  # a demo always runs
     print(report.summary())
     out = Path(out_dir)
     con = duckdb.connect()
