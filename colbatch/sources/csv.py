@@ -26,7 +26,15 @@ from colbatch.errors import ConfigError, SourceError
 from colbatch.rejects import cast_or_reject, reject_frame
 from colbatch.schema import align, infer_text_types, parse_schema
 from colbatch.sources.base import ReadNotes, RejectFn, Source
-from colbatch.sources.files import expand_paths, file_splits, open_stream, read_exact, read_failure
+from colbatch.sources.files import (
+    expand_paths,
+    file_splits,
+    ignore_rejects,
+    line_offset,
+    open_stream,
+    read_exact,
+    read_failure,
+)
 
 # Bytes sniffed from the first file to infer types: large enough for stable
 # inference, small enough to keep start-up negligible on small jobs.
@@ -200,19 +208,31 @@ class CsvSource(Source):
             try:
                 read_exact(stream, offset)
                 for block in _blocks(stream, block_bytes, self._quote_b):
-                    df, rejected, line_fn = self._parse(block, names, file_types, path, line, on_reject)
+                    skipping = row < skip_rows
+                    df, rejected, line_fn = self._parse(block, names, file_types, path, line,
+                                                        ignore_rejects if skipping else on_reject)
                     consumed = df.height + rejected
                     nlines = consumed if line_fn is None else count_byte(block, b"\n") + (not block.endswith(b"\n"))
-                    if row + consumed > skip_rows:
-                        if row < skip_rows:
-                            cut = skip_rows - row
-                            df = df.slice(cut)
+                    if not skipping:
                         yield Batch(align(df, self._schema), split, first_row=row, rows_read=consumed,
                                     first_line=line, bytes_read=len(block), line_fn=line_fn)
+                    elif row + consumed > skip_rows:
+                        yield self._tail(block, skip_rows - row, split, skip_rows, names, file_types, path, line,
+                                         on_reject)
                     row += consumed
                     line += nlines
             except (OSError, EOFError) as exc:
                 raise read_failure(path, exc) from exc
+
+    def _tail(self, block: bytes, skip: int, split: Split, first_row: int, names, types, path: str, line: int,
+              on_reject: RejectFn) -> Batch:
+        """The records of `block` after its first `skip` (a resumed run starting inside a block)."""
+        starts = [ln for ln, _rec, _open in _records(block, self._quote_b, line)]
+        cut_line = starts[skip]
+        tail = block[line_offset(block, cut_line - line):]
+        df, rejected, line_fn = self._parse(tail, names, types, path, cut_line, on_reject)
+        return Batch(align(df, self._schema), split, first_row=first_row, rows_read=df.height + rejected,
+                     first_line=cut_line, bytes_read=len(tail), line_fn=line_fn)
 
     def _row_width(self) -> int:
         """Average bytes per record, measured on the inference sample."""

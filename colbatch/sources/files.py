@@ -154,3 +154,17 @@ def read_exact(stream: BinaryIO, size: int) -> bytes:
         parts.append(chunk)
         remaining -= len(chunk)
     return b"".join(parts) if len(parts) != 1 else parts[0]
+
+
+def line_offset(block: bytes, n: int) -> int:
+    """Byte offset where line `n` (0-based) of `block` starts."""
+    if n <= 0:
+        return 0
+    import numpy as np
+
+    newlines = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10)
+    return int(newlines[n - 1]) + 1
+
+
+def ignore_rejects(frame: object) -> None:
+    """An `on_reject` for records a resumed run skips: their rejects were recorded by the run that committed them."""

@@ -16,7 +16,15 @@ from colbatch.rejects import cast_or_reject, reject_frame
 from colbatch.schema import align, infer_text_types, parse_schema
 from colbatch.sources.base import ReadNotes, RejectFn, Source
 from colbatch.sources.csv import DEFAULT_INFER_BYTES, _blocks
-from colbatch.sources.files import expand_paths, file_splits, open_stream, read_exact, read_failure
+from colbatch.sources.files import (
+    expand_paths,
+    file_splits,
+    ignore_rejects,
+    line_offset,
+    open_stream,
+    read_exact,
+    read_failure,
+)
 
 
 log = logging.getLogger("colbatch")
@@ -98,13 +106,19 @@ class NdjsonSource(Source):
             try:
                 for block in _blocks(stream, block_bytes, b"\x00\x01"):
                     nlines = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
-                    df, rejected, line_fn = self._parse(block, path, line, on_reject)
+                    skipping = row < skip_rows
+                    df, rejected, line_fn = self._parse(block, path, line, ignore_rejects if skipping else on_reject)
                     consumed = df.height + rejected
-                    if row + consumed > skip_rows:
-                        if row < skip_rows:
-                            df = df.slice(skip_rows - row)
+                    if not skipping:
                         yield Batch(df, split, first_row=row, rows_read=consumed, first_line=line,
                                     bytes_read=len(block), line_fn=line_fn)
+                    elif row + consumed > skip_rows:
+                        # one record per line: resume at line `line + skip` of this block
+                        skip = skip_rows - row
+                        tail = block[line_offset(block, skip):]
+                        df, rejected, line_fn = self._parse(tail, path, line + skip, on_reject)
+                        yield Batch(df, split, first_row=skip_rows, rows_read=df.height + rejected,
+                                    first_line=line + skip, bytes_read=len(tail), line_fn=line_fn)
                     row += consumed
                     line += nlines
             except (OSError, EOFError) as exc:
