@@ -49,6 +49,8 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     batch_rows: int = 0
     batches: int = 0
+    # (seconds since start, rows per batch) each time the batch size changed; the first entry is the start size.
+    batch_sizes: list[tuple[float, int]] = field(default_factory=list)
     memory_samples: list[tuple[float, int]] = field(default_factory=list, repr=False)
     rejects: pl.DataFrame | None = field(default=None, repr=False)
 
@@ -86,6 +88,7 @@ class Report:
             "peak_rss_bytes": self.peak_rss_bytes,
             "batch_rows": self.batch_rows,
             "batches": self.batches,
+            "batch_sizes": [list(b) for b in self.batch_sizes],
             "stages": [s.to_dict() for s in self.stages],
             "bottleneck": self.bottleneck,
             "outputs": list(self.outputs),
@@ -117,6 +120,10 @@ class Report:
             by = ", ".join(f"{k} {v:,}" for k, v in sorted(self.rejects_by_stage.items()))
             where = f" → {self.rejects_path}" if self.rejects_path else " (kept in report.rejects)"
             lines.append(f"  rejects: {by}{where}")
+        if self.batch_sizes:
+            sizes = " → ".join(f"{rows:,}" for _, rows in self.batch_sizes[:8])
+            more = f" (+{len(self.batch_sizes) - 8} changes)" if len(self.batch_sizes) > 8 else ""
+            lines.append(f"  batches: {self.batches:,} of {sizes}{more} rows")
         lines.append("  stages :")
         for s in self.stages:
             lines.append(
