@@ -43,6 +43,8 @@ DEFAULT_HIGH_WATER = 0.8
 # Batches alive at once: one being read, two per queue (x2 queues), one in a step, one in the sink,
 # each with about one transient copy; the memory budget is divided among them.
 DEFAULT_BATCHES_IN_MEMORY = 12
+# Shrinking is pointless when the batches hold under a quarter of the memory above the baseline.
+DEFAULT_BATCH_SHARE = 0.25
 # Without `memory_limit` a run may use half of the memory available at start.
 DEFAULT_AVAILABLE_SHARE = 0.5
 # Suffix of the file `colbatch tune --write` stores next to a job file.
@@ -99,6 +101,7 @@ class BatchSizer:
         self.rows = max(self.min_rows, min(int(start_rows), self.max_rows))
         self.requested = int(start_rows)
         self.memory_limit = memory_limit if memory_limit is not None else default_memory_limit(rss)
+        self._probe = not adaptive and memory_limit is not None
         self.window = window
         self.hysteresis = hysteresis
         self._rss = rss
@@ -112,6 +115,7 @@ class BatchSizer:
         self.bytes_per_row = 0.0
         self.baseline_rss = rss()
         self.pressure_events = 0
+        self._since_shrink = DEFAULT_SETTLE_BATCHES
         self.memory_errors = 0
         self.clamped = False
         self.history: list[tuple[float, int]] = [(0.0, self.rows)]
@@ -121,6 +125,10 @@ class BatchSizer:
     def __call__(self) -> int:
         """Rows for the next batch (checks memory first, so pressure shrinks the very next batch)."""
         self.check_memory()
+        if self._probe and not self.bytes_per_row:
+            # A fixed size under an explicit limit: measure bytes per row on a modest batch first,
+            # so a size that cannot fit is never read whole.
+            return min(self.rows, DEFAULT_START_ROWS)
         return self.rows
 
     def check_memory(self) -> bool:
@@ -129,7 +137,14 @@ class BatchSizer:
         if rss <= self.memory_limit * DEFAULT_HIGH_WATER:
             return False
         with self._lock:
-            if self.rows <= self.min_rows:
+            # Freed batches are not always returned to the OS at once: after a shrink, wait for a few
+            # batches at the new size before judging again, unless RSS is past the limit itself.
+            recent = self._since_shrink < DEFAULT_SETTLE_BATCHES and rss <= self.memory_limit
+            # When the batches hold a small share of the memory above the baseline, smaller batches
+            # cannot relieve it (the allocator keeps freed pages, or another part of the job holds them).
+            batches = self.rows * self.bytes_per_row * DEFAULT_BATCHES_IN_MEMORY
+            not_ours = self.bytes_per_row > 0 and batches < (rss - self.baseline_rss) * DEFAULT_BATCH_SHARE
+            if self.rows <= self.min_rows or recent or not_ours:
                 return False
             self.pressure_events += 1
             self._shrink(f"RSS {rss / 2**20:,.0f} MiB is above {DEFAULT_HIGH_WATER:.0%} of the memory limit "
@@ -156,6 +171,7 @@ class BatchSizer:
     def observe(self, rows: int, seconds: float) -> None:
         """Record one finished batch: `rows` source rows took `seconds` of pipeline time."""
         with self._lock:
+            self._since_shrink += 1
             if self.settled or rows <= 0 or seconds <= 0:
                 return
             if self._skip > 0:
@@ -211,7 +227,8 @@ class BatchSizer:
 
     def _clamp_to_budget(self) -> None:
         cap = self.budget_rows()
-        if cap is None or self.rows <= cap:
+        # The bytes-per-row estimate moves a little with every batch; only a real excess re-clamps.
+        if cap is None or self.rows <= cap * (1 + self.hysteresis):
             return
         if not self.clamped and not self.adaptive:
             log.warning("batch_size=%d does not fit memory_limit=%d MiB (about %.0f bytes per row); using %d rows",
@@ -219,6 +236,7 @@ class BatchSizer:
         self.clamped = True
         self.max_rows = min(self.max_rows, cap)
         self._set(cap, "memory budget")
+        self._since_shrink = 0
 
     def _shrink(self, why: str) -> None:
         # Halving goes below `min_rows` only for MemoryError (pressure stops at it): a batch that
@@ -228,7 +246,7 @@ class BatchSizer:
         self._set(new, why)
         self._samples = []
         self._prev = None
-        self._skip = DEFAULT_SETTLE_BATCHES
+        self._since_shrink = 0
         # Growth is capped at the new size, so there is no way back into the pressure: stay.
         self.settled = True
 

@@ -42,12 +42,23 @@ def test_sizer_shrinks_at_once_under_memory_pressure_and_stays_down():
     assert sizer() == 100_000
     rss.value = 900 * MB  # above the 80% high-water mark
     assert sizer() == 50_000
-    assert sizer() == 25_000  # still under pressure: halves again on the very next batch
+    assert sizer() == 50_000  # gives the smaller batches time to free memory...
+    rss.value = 1100 * MB
+    assert sizer() == 25_000  # ...unless RSS is past the limit itself
     rss.value = 200 * MB
     _feed(sizer, lambda rows: rows * 10.0, 30)  # throughput would reward growth...
     assert sizer.rows == 25_000  # ...but it never grows back into the pressure
     assert sizer.pressure_events == 2
     assert [rows for _, rows in sizer.history] == [100_000, 50_000, 25_000]
+
+
+def test_sizer_does_not_shrink_when_batches_are_not_what_holds_the_memory():
+    rss = FakeRss(100 * MB)
+    sizer = BatchSizer(10_000, memory_limit=1000 * MB, rss=rss)
+    sizer.note_bytes(10_000, 10_000 * 100)  # 12 batches x 1 MB: a tiny share of the 800 MB above baseline
+    rss.value = 900 * MB
+    assert sizer() == 10_000
+    assert sizer.pressure_events == 0
 
 
 def test_sizer_grows_while_throughput_improves_then_settles_on_the_plateau():
@@ -220,3 +231,61 @@ def test_job_file_starts_from_the_tuned_size(tmp_path):
     assert load_job(job).options.batch_rows() == 12345
     assert load_job(job).options.sizer().rows == 12345
     assert RunOptions(batch_size=500, tuned_rows=12345).batch_rows() == 500
+
+
+def _big_csv(path, n: int) -> None:
+    pl.DataFrame({
+        "id": pl.int_range(0, n, eager=True),
+        "a": pl.int_range(0, n, eager=True).cast(pl.Float64) / 3,
+        "s": pl.int_range(0, n, eager=True).cast(pl.String) + "_padding_text_for_width",
+    }).write_csv(path)
+
+
+def test_fixed_batch_size_is_clamped_under_memory_limit_in_a_run(tmp_path, caplog):
+    path = tmp_path / "in.csv"
+    _big_csv(path, 200_000)
+    from colbatch.batching import process_rss
+
+    limit = process_rss() + (16 << 20)
+    with caplog.at_level(logging.WARNING, logger="colbatch"):
+        report = (cb.scan_csv(path).sink_parquet(tmp_path / "o.parquet")
+                  .run(progress=False, batch_size=1_000_000, memory_limit=limit))
+    assert_accounting(report)
+    assert report.rows_written == 200_000
+    assert report.batch_sizes[0][1] == 1_000_000
+    assert report.batch_rows < 200_000
+    assert report.batches > 2
+    assert len([r for r in caplog.records if "does not fit memory_limit" in r.message]) == 1
+
+
+def test_memory_limit_holds_where_fixed_large_batches_exceed_it(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "in.csv"
+    _big_csv(path, 3_000_000)
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys, json, psutil, colbatch as cb\n"
+        "base = psutil.Process().memory_info().rss\n"
+        "opts = {'batch_size': 1_000_000}\n"
+        "if sys.argv[2] != 'none': opts['memory_limit'] = int(sys.argv[2])\n"
+        "r = cb.scan_csv(sys.argv[1]).with_columns('a * 2 AS b').sink_parquet(sys.argv[1] + '.parquet')"
+        ".run(progress=False, overwrite=True, **opts)\n"
+        "print(json.dumps([base, r.peak_rss_bytes]))\n")
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent), "PATH": "/usr/bin:/bin"}
+
+    def run(limit):
+        out = subprocess.run([sys.executable, str(script), str(path), limit], capture_output=True, text=True,
+                             env=env, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    import json
+
+    base, unbounded = run("none")
+    limit = 250 << 20
+    assert unbounded > base + limit, "the workload must need more than the limit with fixed batches"
+    base, bounded = run(str(limit))
+    assert bounded <= limit + base, (bounded >> 20, base >> 20)
+    print(f'baseline {base >> 20} MiB, fixed 1M rows: peak {unbounded >> 20} MiB, limit 250 MiB: peak {bounded >> 20} MiB')
