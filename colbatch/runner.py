@@ -16,11 +16,12 @@ import polars as pl
 from colbatch import faults
 from colbatch.batch import Batch
 from colbatch.batching import BatchSizer
+from colbatch.diagnose import GcTimer, MemoryFacts, Timeline, diagnose
 from colbatch.errors import ColbatchError, ErrorThresholdExceeded
 from colbatch.ledger import Committed, JobIdentity
 from colbatch.metrics import ByteQueue, MemorySampler, StageMetrics
 from colbatch.rejects import RejectCollector, reject_frame
-from colbatch.report import Report, bottleneck
+from colbatch.report import Report
 from colbatch.sinks.base import Sink
 from colbatch.sources.base import Source
 from colbatch.sources.files import is_transient
@@ -112,6 +113,8 @@ class Runner:
         self._lock = threading.Lock()
         self.retries = 0
         self.sizer = options.sizer()
+        self.gc_timer = GcTimer()
+        self.timeline: Timeline | None = None
 
     # -- threads ----------------------------------------------------------------------------
 
@@ -320,6 +323,10 @@ class Runner:
         read_q = ByteQueue(o.queue_items, queue_bytes)
         write_q = ByteQueue(o.queue_items, queue_bytes)
         sampler = MemorySampler().start()
+        self.timeline = Timeline([self.read_stage, *self.step_stages, self.write_stage],
+                                 queues={"read→transform": read_q.__len__, "transform→write": write_q.__len__},
+                                 rows=lambda: self.write_stage.rows_out).start()
+        self.gc_timer.__enter__()
         t_start = time.perf_counter()
         progress = _progress(self.source.total_bytes(), o.progress)
         threads = [
@@ -367,6 +374,8 @@ class Runner:
                     report.rejects_path = res.files[0]
             finally:
                 sampler.stop()
+                self.timeline.stop()
+                self.gc_timer.__exit__()
                 self._fill(report, t_start, sampler)
 
     def _write_loop(self, inp: ByteQueue, progress) -> None:
@@ -418,7 +427,16 @@ class Runner:
         report.batches = self._batches
         report.retries = self.retries + self.sink.retried
         report.rejects = self.rejects.frame()
-        report.bottleneck = bottleneck(report.stages, report.elapsed_s, source=report.source, sink=report.sink)
+        cpu = self.timeline.cpu_summary(report.elapsed_s) if self.timeline is not None else {}
+        report.timeline = self.timeline.samples if self.timeline is not None else []
+        report.gc = self.gc_timer.to_dict()
+        udfs = {stage.name: step.workers for step, stage in zip(self.steps, self.step_stages)
+                if isinstance(step, MapBatches)}
+        memory = MemoryFacts(limit=self.options.memory_limit, peak_rss=sampler.peak_rss,
+                             pressure_events=self.sizer.pressure_events, memory_errors=self.sizer.memory_errors,
+                             clamped=self.sizer.clamped and self.options.memory_limit is not None)
+        report.bottleneck = diagnose(report.stages, report.elapsed_s, source=report.source, sink=report.sink,
+                                     udfs=udfs, memory=memory, cpu=cpu, gc_pause_s=self.gc_timer.pause_s)
 
 
 def backoff_delay(base_s: float, attempt: int) -> float:
