@@ -21,12 +21,13 @@ from colbatch.io import from_arrow, from_batches, scan_csv, scan_ipc, scan_ndjso
 from colbatch.pipeline import Pipeline
 from colbatch.query import Output, open_output
 from colbatch.report import Report
+from colbatch.tune import TuneResult, tune
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ColbatchError", "ConfigError", "ErrorThresholdExceeded", "MissingDependencyError",
-    "Output", "Pipeline", "Report", "SchemaError", "SinkError", "SourceError", "UdfError",
+    "Output", "Pipeline", "Report", "SchemaError", "TuneResult", "SinkError", "SourceError", "UdfError",
     "from_arrow", "from_batches", "open_output", "scan_csv", "scan_ipc", "scan_ndjson", "scan_parquet",
-    "scan_postgres",
+    "scan_postgres", "tune",
 ]

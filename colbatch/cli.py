@@ -1,4 +1,4 @@
-"""Command line: `python -m colbatch run JOB.toml | demo | query SQL | bench core|udf|agg|pg`."""
+"""Command line: `python -m colbatch run JOB.toml | tune JOB.toml | demo | query SQL | bench core|udf|agg|pg`."""
 
 from __future__ import annotations
 
@@ -38,6 +38,15 @@ def _parser() -> argparse.ArgumentParser:
                        help="result format (default: table)")
     query.add_argument("--to", metavar="FILE", help="write the result to FILE instead of stdout")
     query.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    tune = sub.add_parser("tune", help="measure a job at several batch sizes on a sample and recommend one")
+    tune.add_argument("job", help="path to the job file")
+    tune.add_argument("--plot", metavar="PNG", help="save throughput and peak RSS by batch size as a PNG")
+    tune.add_argument("--write", action="store_true",
+                      help="store the recommendation in JOB.tune.json, where batch_size=\"auto\" starts from")
+    tune.add_argument("--sample-rows", type=int, default=None, metavar="N", help="rows per sample run (default 1M)")
+    tune.add_argument("--sizes", default=None, metavar="N,N,...", help="batch sizes in rows (default 8k..1M)")
+    tune.add_argument("--repeats", type=int, default=None, metavar="N", help="runs per size (default 3)")
+    tune.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     bench = sub.add_parser("bench", help="benchmarks against Polars, DuckDB, pyarrow and plain Python")
     bench.add_argument("suite", choices=["core", "udf", "agg", "pg", "postgres"], help="which benchmark")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="options of the suite (see `bench core --help`)")
@@ -57,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "tune":
+            return _tune(args)
         if args.command == "demo":
             from colbatch.demo import run_demo
 
@@ -114,4 +125,23 @@ def _run(args: argparse.Namespace) -> int:
     if not report.succeeded:
         print(f"colbatch: error: {report.error}", file=sys.stderr)
         return EXIT_FAILED if report.error_type != "ConfigError" else EXIT_USAGE
+    return EXIT_OK
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from colbatch.tune import DEFAULT_REPEATS, DEFAULT_SAMPLE_ROWS, tune_job
+
+    try:
+        sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else None
+    except ValueError:
+        raise ConfigError(f"`--sizes` must be comma-separated row counts, got {args.sizes!r}") from None
+    result, written = tune_job(args.job, sizes=sizes, write=args.write,
+                               sample_rows=args.sample_rows or DEFAULT_SAMPLE_ROWS,
+                               repeats=args.repeats or DEFAULT_REPEATS)
+    print(result.table())
+    if args.plot:
+        result.plot(args.plot)
+        print(f"plot: {args.plot}")
+    if written is not None:
+        print(f"recommendation written to {written}; batch_size = \"auto\" starts from it")
     return EXIT_OK

@@ -8,6 +8,7 @@ import tomllib
 from collections.abc import Mapping
 from typing import Any
 
+from colbatch.batching import load_tuned_rows, tune_file
 from colbatch.errors import ConfigError
 from colbatch.io import scan_csv, scan_ipc, scan_ndjson, scan_parquet
 from colbatch.pipeline import Pipeline
@@ -51,7 +52,9 @@ def load_job(path: str | os.PathLike) -> Pipeline:
         raise ConfigError(f"job file `{path}` does not exist", path=str(path)) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"job file `{path}` is not valid TOML: {exc}", path=str(path)) from exc
-    return build_job(job)
+    pipeline = build_job(job)
+    tuned = load_tuned_rows(tune_file(path))
+    return pipeline.with_options(tuned_rows=tuned) if tuned else pipeline
 
 
 def build_job(job: Mapping[str, Any]) -> Pipeline:

@@ -53,6 +53,10 @@ class ByteQueue:
         self._cond = threading.Condition()
         self.max_depth = 0
 
+    def __len__(self) -> int:
+        """Items waiting now."""
+        return len(self._items)
+
     def put(self, item: Any, size: int, stop: threading.Event) -> bool:
         """Enqueue; blocks while full. Returns False when `stop` was set while waiting."""
         with self._cond:

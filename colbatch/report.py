@@ -10,6 +10,7 @@ from typing import Any
 
 import polars as pl
 
+from colbatch.charts import report_charts
 from colbatch.metrics import StageMetrics
 
 
@@ -49,6 +50,12 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     batch_rows: int = 0
     batches: int = 0
+    # (seconds since start, rows per batch) each time the batch size changed; the first entry is the start size.
+    batch_sizes: list[tuple[float, int]] = field(default_factory=list)
+    # Samples over time: CPU of this process and its children, queue depths, rows written, stage busy seconds.
+    timeline: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    # Garbage-collector pauses during the run.
+    gc: dict[str, Any] = field(default_factory=dict)
     memory_samples: list[tuple[float, int]] = field(default_factory=list, repr=False)
     rejects: pl.DataFrame | None = field(default=None, repr=False)
 
@@ -86,12 +93,15 @@ class Report:
             "peak_rss_bytes": self.peak_rss_bytes,
             "batch_rows": self.batch_rows,
             "batches": self.batches,
+            "batch_sizes": [list(b) for b in self.batch_sizes],
             "stages": [s.to_dict() for s in self.stages],
             "bottleneck": self.bottleneck,
             "outputs": list(self.outputs),
             "rejects_path": self.rejects_path,
             "warnings": list(self.warnings),
             "memory_samples": [list(s) for s in self.memory_samples],
+            "timeline": list(self.timeline),
+            "gc": dict(self.gc),
         }
 
     def save_json(self, path: str | os.PathLike) -> None:
@@ -117,6 +127,10 @@ class Report:
             by = ", ".join(f"{k} {v:,}" for k, v in sorted(self.rejects_by_stage.items()))
             where = f" → {self.rejects_path}" if self.rejects_path else " (kept in report.rejects)"
             lines.append(f"  rejects: {by}{where}")
+        if self.batch_sizes:
+            sizes = " → ".join(f"{rows:,}" for _, rows in self.batch_sizes[:8])
+            more = f" (+{len(self.batch_sizes) - 8} changes)" if len(self.batch_sizes) > 8 else ""
+            lines.append(f"  batches: {self.batches:,} of {sizes}{more} rows")
         lines.append("  stages :")
         for s in self.stages:
             lines.append(
@@ -125,6 +139,8 @@ class Report:
             )
         if self.bottleneck:
             lines.append(f"  bottleneck: {self.bottleneck.get('verdict', '')}")
+            if self.bottleneck.get("explanation"):
+                lines.append(f"  why       : {self.bottleneck['explanation']}")
             if self.bottleneck.get("recommendation"):
                 lines.append(f"  advice    : {self.bottleneck['recommendation']}")
         for w in self.warnings:
@@ -156,9 +172,21 @@ class Report:
             f"{self.rows_rejected:,} rejected; peak RSS {self.peak_rss_bytes / 2**20:,.0f} MiB</p>{err}"
             f"<table><tr><th>stage</th><th>in</th><th>out</th><th>filtered</th><th>rejected</th>"
             f"<th>busy s</th><th>wait s</th><th>blocked s</th></tr>{rows}</table>"
-            f"<p><b>bottleneck:</b> {esc(str(self.bottleneck.get('verdict', '')))}</p>"
+            f"<p><b>bottleneck:</b> {esc(str(self.bottleneck.get('verdict', '')))}"
+            + "".join(f"<br><i>{label}:</i> {esc(str(self.bottleneck[key]))}" for key, label in
+                      (("explanation", "why"), ("recommendation", "advice")) if self.bottleneck.get(key))
+            + "</p>"
+            + report_charts(self.timeline, self.memory_samples, self.bottleneck.get("busy_share", {}))
             + (f"<ul>{warn}</ul>" if warn else "") + "</div>"
         )
+
+
+    def save_html(self, path: str | os.PathLike) -> None:
+        """Write the report as a standalone HTML page (summary, bottleneck, charts; no scripts)."""
+        page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>colbatch report</title></head>"
+                f"<body style='font-family:sans-serif'>{self._repr_html_()}</body></html>")
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(page)
 
 
 def bottleneck(stages: list[StageMetrics], elapsed_s: float, *, source: str, sink: str) -> dict[str, Any]:

@@ -15,11 +15,13 @@ import polars as pl
 
 from colbatch import faults
 from colbatch.batch import Batch
+from colbatch.batching import BatchSizer
+from colbatch.diagnose import GcTimer, MemoryFacts, Timeline, diagnose
 from colbatch.errors import ColbatchError, ErrorThresholdExceeded
 from colbatch.ledger import Committed, JobIdentity
 from colbatch.metrics import ByteQueue, MemorySampler, StageMetrics
 from colbatch.rejects import RejectCollector, reject_frame
-from colbatch.report import Report, bottleneck
+from colbatch.report import Report
 from colbatch.sinks.base import Sink
 from colbatch.sources.base import Source
 from colbatch.sources.files import is_transient
@@ -68,10 +70,18 @@ class RunOptions:
     queue_bytes: int = DEFAULT_QUEUE_BYTES
     threads: int | None = DEFAULT_DUCKDB_THREADS
     temp_directory: str | None = DEFAULT_TEMP_DIRECTORY
+    # Where `batch_size="auto"` starts: the size `colbatch tune --write` recommended for this job, if any.
+    tuned_rows: int | None = None
 
     def batch_rows(self) -> int:
-        """Rows per batch for the reader."""
-        return DEFAULT_BATCH_ROWS if self.batch_size == "auto" else int(self.batch_size)
+        """Rows per batch the reader starts with."""
+        if self.batch_size == "auto":
+            return self.tuned_rows or DEFAULT_BATCH_ROWS
+        return int(self.batch_size)
+
+    def sizer(self) -> BatchSizer:
+        """The batch-size controller for one run: adaptive for "auto", a memory clamp for a fixed size."""
+        return BatchSizer(self.batch_rows(), memory_limit=self.memory_limit, adaptive=self.batch_size == "auto")
 
 
 class _Stop(Exception):
@@ -102,6 +112,9 @@ class Runner:
         self._batches = 0
         self._lock = threading.Lock()
         self.retries = 0
+        self.sizer = options.sizer()
+        self.gc_timer = GcTimer()
+        self.timeline: Timeline | None = None
 
     # -- threads ----------------------------------------------------------------------------
 
@@ -110,12 +123,13 @@ class Runner:
 
     def _read(self, out: ByteQueue) -> None:
         stage = self.read_stage
-        rows = self.options.batch_rows()
+        adaptive = self.source.adaptive_batches
         try:
             for split in self.source.splits():
                 skip = self.committed.skip_for(split.id)
                 if skip is None:
                     continue
+                rows = self.sizer if adaptive else self.sizer()
                 it = self.source.read(split, batch_rows=rows, on_reject=self._on_reject, skip_rows=skip)
                 failures = 0
                 while True:
@@ -140,8 +154,10 @@ class Runner:
                         stage.rows_out += batch.num_rows
                         stage.rows_rejected += batch.rows_read - batch.num_rows
                         stage.bytes_in += batch.bytes_read
+                    size = batch.data.estimated_size()
+                    self.sizer.note_bytes(batch.num_rows, size)
                     t1 = time.perf_counter()
-                    if not out.put(batch, batch.data.estimated_size(), self._stop):
+                    if not out.put(batch, size, self._stop):
                         return
                     stage.blocked_s += time.perf_counter() - t1
                     if self._stop.is_set():
@@ -211,28 +227,57 @@ class Runner:
     def _apply_steps(self, batch: Batch, start: int = 0, stop: int | None = None) -> Batch:
         df = batch.data
         if self._needs_rows and ROW_COL not in df.columns:
+            # Row positions are fixed on the whole batch, so halves of a retried batch keep their lines.
             df = df.with_row_index(ROW_COL)
-        for step, stage in zip(self.steps[start:stop], self.step_stages[start:stop]):
-            t0 = time.perf_counter()
-            res = step.apply(df)
-            stage.busy_s += time.perf_counter() - t0
-            rejected = 0
-            if res.rejected is not None and res.rejected.height:
-                rejected = res.rejected.height
-                positions = res.rejected[ROW_COL].to_numpy().astype("int64")
-                lines = batch.lines_of(positions)
-                self.rejects.add(reject_frame(
-                    source=batch.split.path or batch.split.id, lines=lines, stage=step.kind,
-                    reasons=res.reasons if res.reasons is not None else f"rejected by `{step.name}`",
-                    values=res.rejected.drop(ROW_COL, strict=False),
-                ))
-            stage.rows_in += df.height
-            stage.rows_out += res.data.height
-            stage.rows_filtered += res.filtered
-            stage.rows_rejected += rejected
-            df = res.data
-        return Batch(df, batch.split, first_row=batch.first_row, rows_read=batch.rows_read,
+        out = self._apply_rows(batch, df, start, stop)
+        return Batch(out, batch.split, first_row=batch.first_row, rows_read=batch.rows_read,
                      first_line=batch.first_line, bytes_read=batch.bytes_read, line_fn=batch.line_fn)
+
+    def _apply_rows(self, batch: Batch, df: pl.DataFrame, start: int, stop: int | None) -> pl.DataFrame:
+        """Steps over `df` (rows of `batch`); on MemoryError, the rows again in two halves.
+
+        Counters and rejects are committed only when every step succeeded, so a retried
+        batch is counted once: nothing lost, nothing twice.
+        """
+        counts: list[tuple[StageMetrics, int, int, int, int]] = []
+        rejects: list[pl.DataFrame] = []
+        original = df
+        try:
+            for step, stage in zip(self.steps[start:stop], self.step_stages[start:stop]):
+                t0 = time.perf_counter()
+                try:
+                    res = step.apply(df)
+                finally:
+                    stage.busy_s += time.perf_counter() - t0
+                rejected = 0
+                if res.rejected is not None and res.rejected.height:
+                    rejected = res.rejected.height
+                    positions = res.rejected[ROW_COL].to_numpy().astype("int64")
+                    lines = batch.lines_of(positions)
+                    rejects.append(reject_frame(
+                        source=batch.split.path or batch.split.id, lines=lines, stage=step.kind,
+                        reasons=res.reasons if res.reasons is not None else f"rejected by `{step.name}`",
+                        values=res.rejected.drop(ROW_COL, strict=False),
+                    ))
+                counts.append((stage, df.height, res.data.height, res.filtered, rejected))
+                df = res.data
+        except MemoryError:
+            if original.height < 2:
+                raise
+            self.sizer.on_memory_error()
+            half = original.height // 2
+            log.warning("a step ran out of memory on a batch of %d rows; retrying it in two halves", original.height)
+            parts = [self._apply_rows(batch, original.slice(0, half), start, stop),
+                     self._apply_rows(batch, original.slice(half), start, stop)]
+            return pl.concat(parts, how="vertical_relaxed")
+        for stage, rows_in, rows_out, filtered, rejected in counts:
+            stage.rows_in += rows_in
+            stage.rows_out += rows_out
+            stage.rows_filtered += filtered
+            stage.rows_rejected += rejected
+        for frame in rejects:
+            self.rejects.add(frame)
+        return df
 
     def _check_thresholds(self, *, final: bool = False) -> None:
         o = self.options
@@ -273,9 +318,15 @@ class Runner:
             report.stages = [self.read_stage, *self.step_stages, self.write_stage]
             return
         o = self.options
-        read_q = ByteQueue(o.queue_items, o.queue_bytes)
-        write_q = ByteQueue(o.queue_items, o.queue_bytes)
+        # Under a memory limit the two queues together hold at most a quarter of it.
+        queue_bytes = o.queue_bytes if o.memory_limit is None else max(1 << 20, min(o.queue_bytes, o.memory_limit // 8))
+        read_q = ByteQueue(o.queue_items, queue_bytes)
+        write_q = ByteQueue(o.queue_items, queue_bytes)
         sampler = MemorySampler().start()
+        self.timeline = Timeline([self.read_stage, *self.step_stages, self.write_stage],
+                                 queues={"read→transform": read_q.__len__, "transform→write": write_q.__len__},
+                                 rows=lambda: self.write_stage.rows_out).start()
+        self.gc_timer.__enter__()
         t_start = time.perf_counter()
         progress = _progress(self.source.total_bytes(), o.progress)
         threads = [
@@ -323,11 +374,14 @@ class Runner:
                     report.rejects_path = res.files[0]
             finally:
                 sampler.stop()
+                self.timeline.stop()
+                self.gc_timer.__exit__()
                 self._fill(report, t_start, sampler)
 
     def _write_loop(self, inp: ByteQueue, progress) -> None:
         stage = self.write_stage
         split, split_rows = None, 0
+        last = time.perf_counter()
         while True:
             t0 = time.perf_counter()
             batch = inp.get(self._stop)
@@ -350,6 +404,9 @@ class Runner:
             stage.rows_in += batch.num_rows
             stage.rows_out += batch.num_rows
             self._batches += 1
+            now = time.perf_counter()
+            self.sizer.observe(batch.rows_read, now - last)
+            last = now
             if progress is not None:
                 progress.update(batch.bytes_read)
                 progress.set_postfix_str(f"{self.read_stage.rows_in:,} rows, {self.rejects.total:,} rejected",
@@ -365,11 +422,21 @@ class Runner:
         report.rejects_by_stage = dict(self.rejects.by_stage)
         report.peak_rss_bytes = sampler.peak_rss
         report.memory_samples = sampler.samples
-        report.batch_rows = self.options.batch_rows()
+        report.batch_rows = self.sizer.rows
+        report.batch_sizes = list(self.sizer.history)
         report.batches = self._batches
         report.retries = self.retries + self.sink.retried
         report.rejects = self.rejects.frame()
-        report.bottleneck = bottleneck(report.stages, report.elapsed_s, source=report.source, sink=report.sink)
+        cpu = self.timeline.cpu_summary(report.elapsed_s) if self.timeline is not None else {}
+        report.timeline = self.timeline.samples if self.timeline is not None else []
+        report.gc = self.gc_timer.to_dict()
+        udfs = {stage.name: step.workers for step, stage in zip(self.steps, self.step_stages)
+                if isinstance(step, MapBatches)}
+        memory = MemoryFacts(limit=self.options.memory_limit, peak_rss=sampler.peak_rss,
+                             pressure_events=self.sizer.pressure_events, memory_errors=self.sizer.memory_errors,
+                             clamped=self.sizer.clamped and self.options.memory_limit is not None)
+        report.bottleneck = diagnose(report.stages, report.elapsed_s, source=report.source, sink=report.sink,
+                                     udfs=udfs, memory=memory, cpu=cpu, gc_pause_s=self.gc_timer.pause_s)
 
 
 def backoff_delay(base_s: float, attempt: int) -> float:

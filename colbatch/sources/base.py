@@ -11,6 +11,13 @@ import polars as pl
 from colbatch.batch import Batch, Split
 
 RejectFn = Callable[[pl.DataFrame], None]
+# Rows per batch: a fixed count, or a callable asked before each batch (the adaptive `BatchSizer`).
+BatchRows = int | Callable[[], int]
+
+
+def rows_of(batch_rows: BatchRows) -> int:
+    """The rows for the next batch: the count itself, or the callable's current answer."""
+    return int(batch_rows()) if callable(batch_rows) else int(batch_rows)
 
 
 @dataclass
@@ -36,6 +43,9 @@ class Source(ABC):
     # True when the same description means the same rows on every run (files, tables), so a
     # finished ledger proves the output is current; in-memory data and iterators are not.
     stable: bool = True
+    # True when `read` accepts a callable `batch_rows` and asks it before each batch, so the
+    # size can change within a split; other sources get one count per split.
+    adaptive_batches: bool = False
 
     @property
     @abstractmethod

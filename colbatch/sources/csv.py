@@ -16,7 +16,7 @@ import csv
 import io
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import polars as pl
@@ -25,7 +25,7 @@ from colbatch.batch import Batch, Split
 from colbatch.errors import ConfigError, SourceError
 from colbatch.rejects import cast_or_reject, reject_frame
 from colbatch.schema import align, infer_text_types, parse_schema
-from colbatch.sources.base import ReadNotes, RejectFn, Source
+from colbatch.sources.base import BatchRows, ReadNotes, RejectFn, Source, rows_of
 from colbatch.sources.files import (
     expand_paths,
     file_splits,
@@ -53,6 +53,7 @@ class CsvSource(Source):
     """Delimited text files (optionally `.gz`/`.zst`); one split per file."""
 
     name = "csv"
+    adaptive_batches = True
 
     def __init__(
         self,
@@ -193,14 +194,18 @@ class CsvSource(Source):
 
     # -- reading ----------------------------------------------------------------------------
 
-    def read(self, split: Split, *, batch_rows: int, on_reject: RejectFn, skip_rows: int = 0) -> Iterator[Batch]:
-        """Yield batches of about `batch_rows` records of one file."""
+    def read(self, split: Split, *, batch_rows: BatchRows, on_reject: RejectFn, skip_rows: int = 0) -> Iterator[Batch]:
+        """Yield batches of about `batch_rows` records of one file (a callable is asked before each block)."""
         path = split.path or ""
         header = self._headers[path]
         if header is None:
             return
         names, offset = header
-        block_bytes = max(64 << 10, batch_rows * self._row_width())
+        width = self._row_width()
+
+        def block_bytes() -> int:
+            return max(64 << 10, rows_of(batch_rows) * width)
+
         file_types = {n: self._schema[n] for n in names}
         line = 2 if self.has_header else 1
         row = 0
@@ -348,18 +353,22 @@ def _safe_cut(buf: bytes, quote: bytes, *, final: bool = False) -> int:
     return 0 if parity else p + 1
 
 
-def _blocks(stream: io.RawIOBase, block_bytes: int, quote: bytes) -> Iterator[bytes]:
-    """Blocks of whole records; a block grows (huge fields) up to a cap, then is cut at any newline."""
+def _blocks(stream: io.RawIOBase, block_bytes: int | Callable[[], int], quote: bytes) -> Iterator[bytes]:
+    """Blocks of whole records; a block grows (huge fields) up to a cap, then is cut at any newline.
+
+    `block_bytes` may be a callable, asked before each block, so the size can change between blocks.
+    """
     rest = b""
     while True:
-        chunk = read_exact(stream, block_bytes)
+        size = block_bytes() if callable(block_bytes) else block_bytes
+        chunk = read_exact(stream, size)
         buf = rest + chunk if rest else chunk
         if not chunk:
             if buf:
                 yield buf
             return
         cut = _safe_cut(buf, quote)
-        if cut == 0 and len(buf) > MAX_BLOCK_GROWTH * block_bytes:
+        if cut == 0 and len(buf) > MAX_BLOCK_GROWTH * size:
             cut = buf.rfind(b"\n") + 1
         if cut == 0:
             rest = buf

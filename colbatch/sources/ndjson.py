@@ -14,7 +14,7 @@ from colbatch.batch import Batch, Split
 from colbatch.errors import ConfigError
 from colbatch.rejects import cast_or_reject, reject_frame
 from colbatch.schema import align, infer_text_types, parse_schema
-from colbatch.sources.base import ReadNotes, RejectFn, Source
+from colbatch.sources.base import BatchRows, ReadNotes, RejectFn, Source, rows_of
 from colbatch.sources.csv import DEFAULT_INFER_BYTES, _blocks
 from colbatch.sources.files import (
     expand_paths,
@@ -34,6 +34,7 @@ class NdjsonSource(Source):
     """JSON Lines files (optionally `.gz`/`.zst`); one split per file, one record per line."""
 
     name = "ndjson"
+    adaptive_batches = True
 
     def __init__(
         self,
@@ -96,10 +97,13 @@ class NdjsonSource(Source):
             types.update(self.declared)
         return pl.Schema(types)
 
-    def read(self, split: Split, *, batch_rows: int, on_reject: RejectFn, skip_rows: int = 0) -> Iterator[Batch]:
-        """Yield batches of about `batch_rows` lines of one file."""
+    def read(self, split: Split, *, batch_rows: BatchRows, on_reject: RejectFn, skip_rows: int = 0) -> Iterator[Batch]:
+        """Yield batches of about `batch_rows` lines of one file (a callable is asked before each block)."""
         path = split.path or ""
-        block_bytes = max(64 << 10, batch_rows * self._avg_row_bytes)
+
+        def block_bytes() -> int:
+            return max(64 << 10, rows_of(batch_rows) * self._avg_row_bytes)
+
         line = 1
         row = 0
         with open_stream(path) as stream:

@@ -123,7 +123,11 @@ class UdfStage:
             df = df.drop(ROW_COL)
         else:
             positions = np.arange(df.height, dtype="int64")
-        return _Item(batch, df, positions, self._backend.submit(df), time.perf_counter())
+        t0 = time.perf_counter()
+        future = self._backend.submit(df)
+        # The inline backend runs the function inside submit; that is the stage's busy time too.
+        self.metrics.busy_s += time.perf_counter() - t0
+        return _Item(batch, df, positions, future, time.perf_counter())
 
     # -- results ----------------------------------------------------------------------------
 

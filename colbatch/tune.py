@@ -1,0 +1,262 @@
+"""The batch-size tuner: run a job on a sample at several batch sizes and recommend one.
+
+Each size runs the job's own source, steps and sink format on the first
+`sample_rows` rows of the input, with output in a temporary directory (never
+the real sink), `repeats` times; the median throughput per size is compared
+and the smallest size within `DEFAULT_TOLERANCE` of the best that fits the
+memory limit is recommended. `batch_size="auto"` starts from a recommendation
+written next to the job file (`JOB.tune.json`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from colbatch.batch import Batch, Split
+from colbatch.batching import process_rss, tune_file
+from colbatch.errors import ConfigError, MissingDependencyError
+from colbatch.pipeline import Pipeline
+from colbatch.sinks.files import FileSink
+from colbatch.sources.base import RejectFn, Source
+
+# The sizes of the issue's benchmark grid, from per-batch-overhead territory to memory-heavy.
+DEFAULT_SIZES = (8_192, 32_768, 131_072, 524_288, 1_048_576)
+# 1M rows: several batches even at the larger sizes, a few seconds per run on typical data.
+DEFAULT_SAMPLE_ROWS = 1_000_000
+# Three runs per size: the median drops one outlier on a shared machine.
+DEFAULT_REPEATS = 3
+# Sizes within 5% of the best throughput are equally good (run-to-run noise); the smallest wins (less memory).
+DEFAULT_TOLERANCE = 0.05
+
+
+class _Head(Source):
+    """The first `rows` records of another source (whole batches; stops after the one that reaches it)."""
+
+    def __init__(self, inner: Source, rows: int) -> None:
+        self.inner = inner
+        self.rows = rows
+        self.name = inner.name
+        self.notes = inner.notes
+        self.stable = inner.stable
+        self.adaptive_batches = inner.adaptive_batches
+        self._left = rows
+
+    @property
+    def schema(self):
+        """The inner source's schema."""
+        return self.inner.schema
+
+    def splits(self) -> Sequence[Split]:
+        """The inner source's splits; a new run starts counting rows again."""
+        self._left = self.rows
+        return self.inner.splits()
+
+    def read(self, split: Split, *, batch_rows, on_reject: RejectFn, skip_rows: int = 0) -> Iterator[Batch]:
+        """The inner batches until the row budget is spent."""
+        if self._left <= 0:
+            return
+        for batch in self.inner.read(split, batch_rows=batch_rows, on_reject=on_reject, skip_rows=skip_rows):
+            yield batch
+            self._left -= batch.rows_read
+            if self._left <= 0:
+                return
+
+    def total_bytes(self) -> int | None:
+        """Unknown: only a head of the input is read."""
+        return None
+
+    def describe(self) -> str:
+        """The inner description, with the sample size."""
+        return f"{self.inner.describe()} (first {self.rows:,} rows)"
+
+
+@dataclass
+class TunePoint:
+    """Measurements at one batch size."""
+
+    rows: int
+    throughput: float  # median rows/s over the repeats
+    s_per_row: float  # median seconds per row
+    peak_rss_bytes: int  # highest peak RSS over the repeats (process and children)
+    runs: list[float] = field(default_factory=list)  # rows/s of each repeat
+    fits: bool = True  # peak RSS within the memory limit (always True without one)
+
+
+@dataclass
+class TuneResult:
+    """The tuner's measurements and recommendation; shows as a table, plots as PNG.
+
+    Example:
+        >>> result = cb.tune(cb.scan_csv("events.csv").sink_parquet("out.parquet"))
+        >>> print(result.table()); result.plot("tune.png"); result.recommended
+    """
+
+    points: list[TunePoint]
+    recommended: int
+    sample_rows: int
+    repeats: int
+    memory_limit: int | None = None
+    elapsed_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def best(self) -> TunePoint:
+        """The size with the highest median throughput."""
+        return max(self.points, key=lambda p: p.throughput)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary; `batch_rows` is what `batch_size="auto"` starts from."""
+        return {"batch_rows": self.recommended, "sample_rows": self.sample_rows, "repeats": self.repeats,
+                "memory_limit": self.memory_limit, "elapsed_s": round(self.elapsed_s, 3),
+                "points": [asdict(p) for p in self.points], "notes": list(self.notes)}
+
+    def write(self, path: str | os.PathLike) -> Path:
+        """Store the recommendation as JSON (for a job file: `tune_file(job)`)."""
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2), encoding="utf-8")
+        return path
+
+    def table(self) -> str:
+        """A text table: size, median throughput, time per row, peak RSS, and the recommendation."""
+        best = self.best().throughput
+        lines = [f"{'batch rows':>12}  {'rows/s':>12}  {'vs best':>7}  {'us/row':>8}  {'peak RSS':>9}",
+                 f"{'-' * 12}  {'-' * 12}  {'-' * 7}  {'-' * 8}  {'-' * 9}"]
+        for p in self.points:
+            mark = "  <- recommended" if p.rows == self.recommended else ""
+            mark += "" if p.fits else "  (over memory limit)"
+            lines.append(f"{p.rows:>12,}  {p.throughput:>12,.0f}  {p.throughput / best:>7.0%}  "
+                         f"{p.s_per_row * 1e6:>8.3f}  {p.peak_rss_bytes / 2**20:>6,.0f} MiB{mark}")
+        lines.append(f"recommended batch_size = {self.recommended:,} (smallest size within "
+                     f"{DEFAULT_TOLERANCE:.0%} of the best throughput that fits memory); "
+                     f"{self.sample_rows:,} sample rows x {self.repeats} repeats in {self.elapsed_s:.1f}s")
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def figure(self):
+        """A matplotlib Figure: throughput and peak RSS against batch size (log scale)."""
+        try:
+            from matplotlib.figure import Figure
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise MissingDependencyError("plotting needs matplotlib: pip install 'colbatch[notebook]'") from exc
+        fig = Figure(figsize=(7, 3.6), dpi=100)
+        ax = fig.add_subplot(1, 1, 1)
+        xs = [p.rows for p in self.points]
+        ax.plot(xs, [p.throughput for p in self.points], "o-", color="#1565c0", label="rows/s (median)")
+        ax.axvline(self.recommended, color="#2e7d32", linestyle="--", label=f"recommended {self.recommended:,}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch rows")
+        ax.set_ylabel("rows/s", color="#1565c0")
+        ax2 = ax.twinx()
+        ax2.plot(xs, [p.peak_rss_bytes / 2**20 for p in self.points], "s:", color="#c62828", label="peak RSS")
+        ax2.set_ylabel("peak RSS (MiB)", color="#c62828")
+        if self.memory_limit:
+            ax2.axhline(self.memory_limit / 2**20, color="#c62828", alpha=0.4, label="memory limit")
+        handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+        ax.legend(handles=handles, loc="lower right", fontsize="small")
+        ax.set_title("colbatch tune: throughput and memory by batch size")
+        fig.tight_layout()
+        return fig
+
+    def plot(self, path: str | os.PathLike | None = None):
+        """Save the plot as PNG at `path` (headless), or return the Figure for a notebook."""
+        fig = self.figure()
+        if path is not None:
+            fig.savefig(os.fspath(path), format="png")
+        return fig
+
+    def _repr_png_(self) -> bytes:
+        buf = io.BytesIO()
+        self.figure().savefig(buf, format="png")
+        return buf.getvalue()
+
+
+def recommend(points: Sequence[TunePoint], tolerance: float = DEFAULT_TOLERANCE) -> int:
+    """The smallest size within `tolerance` of the best median throughput among sizes that fit memory."""
+    fitting = [p for p in points if p.fits] or list(points)
+    best = max(p.throughput for p in fitting)
+    return min(p.rows for p in fitting if p.throughput >= best * (1 - tolerance))
+
+
+def tune(pipeline: Pipeline, *, sizes: Sequence[int] | None = None, sample_rows: int = DEFAULT_SAMPLE_ROWS,
+         repeats: int = DEFAULT_REPEATS, write: str | os.PathLike | None = None) -> TuneResult:
+    """Run `pipeline` on its first `sample_rows` rows at each batch size and recommend one.
+
+    Output goes to a temporary directory in the sink's file format (Parquet for
+    other sinks, whose cost is then not measured); rejects stay in memory.
+
+    Args:
+        pipeline: the job to tune (its sink is never written).
+        sizes: batch sizes in rows; default `DEFAULT_SIZES` up to the sample size.
+        sample_rows: rows read per run (whole batches: a run may read a little more).
+        repeats: runs per size; the median counts.
+        write: where to store the recommendation as JSON (see `tune_file`).
+
+    Example:
+        >>> result = cb.tune(cb.scan_csv("events.csv").sink_parquet("out.parquet"), sample_rows=200_000)
+        >>> result.recommended
+    """
+    if pipeline.sink is None:
+        raise ConfigError("the pipeline has no sink; tune runs the job as it will run, so give it one")
+    if sample_rows <= 0 or repeats <= 0:
+        raise ConfigError(f"`sample_rows` and `repeats` must be positive, got {sample_rows!r} and {repeats!r}")
+    chosen = sorted({int(s) for s in sizes}) if sizes else [s for s in DEFAULT_SIZES if s <= sample_rows] or [sample_rows]
+    if chosen[0] <= 0:
+        raise ConfigError(f"`sizes` must be positive row counts, got {list(sizes or [])}")
+    limit = pipeline.options.memory_limit
+    notes: list[str] = []
+    t_start = time.perf_counter()
+    points = []
+    with tempfile.TemporaryDirectory(prefix="colbatch-tune-") as tmp:
+        sink, note = _sample_sink(pipeline, tmp)
+        if note:
+            notes.append(note)
+        sample = replace(pipeline, source=_Head(pipeline.source, sample_rows), sink=sink, rejects_sink=None)
+        for rows in chosen:
+            rates, peak = [], 0
+            for _ in range(repeats):
+                before = process_rss()
+                report = sample.run(batch_size=rows, progress=False, overwrite=True, max_error_rate=None)
+                rates.append(report.rows_read / report.elapsed_s if report.elapsed_s > 0 else 0.0)
+                peak = max(peak, report.peak_rss_bytes, before)
+            med = statistics.median(rates)
+            points.append(TunePoint(rows=rows, throughput=med, s_per_row=1 / med if med else float("inf"),
+                                    peak_rss_bytes=peak, runs=[round(r, 1) for r in rates],
+                                    fits=limit is None or peak <= limit))
+    result = TuneResult(points, recommend(points), sample_rows, repeats, memory_limit=limit,
+                        elapsed_s=time.perf_counter() - t_start, notes=notes)
+    if write is not None:
+        result.write(write)
+    return result
+
+
+def _sample_sink(pipeline: Pipeline, tmp: str) -> tuple[FileSink, str | None]:
+    """A sink like the job's in a temp dir: the same file format, or Parquet for other sinks."""
+    sink = pipeline.sink
+    if isinstance(sink, FileSink):
+        name = os.path.basename(os.path.normpath(sink.path)) or "out"
+        return FileSink(os.path.join(tmp, name), format=sink.format, options=sink.options,
+                        part_rows=sink.part_rows), None
+    return (FileSink(os.path.join(tmp, "out.parquet"), format="parquet"),
+            f"the sample runs write Parquet to a temp dir instead of {sink.describe()}: its cost is not measured")
+
+
+def tune_job(job_path: str | os.PathLike, *, sizes: Sequence[int] | None = None,
+             sample_rows: int = DEFAULT_SAMPLE_ROWS, repeats: int = DEFAULT_REPEATS,
+             write: bool = False) -> tuple[TuneResult, Path | None]:
+    """Tune a TOML job file; with `write`, store the recommendation in `JOB.tune.json` beside it."""
+    from colbatch.config import load_job
+
+    pipeline = load_job(job_path)
+    target = tune_file(job_path) if write else None
+    return tune(pipeline, sizes=sizes, sample_rows=sample_rows, repeats=repeats, write=target), target

@@ -1,0 +1,114 @@
+"""The tuner: sample runs at several batch sizes, a recommendation, a table, a PNG plot, and JOB.tune.json."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+import colbatch as cb
+from colbatch.cli import main
+from colbatch.config import load_job
+from colbatch.tune import TunePoint, recommend
+from tests.conftest import SCHEMA, make_frame
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def csv_path(tmp_path: Path) -> Path:
+    path = tmp_path / "in.csv"
+    make_frame(40_000).write_csv(path)
+    return path
+
+
+def test_recommend_picks_the_smallest_size_within_five_percent_of_the_best():
+    pts = [TunePoint(1_000, 50.0, 0.02, 1), TunePoint(10_000, 97.0, 0.01, 2), TunePoint(100_000, 100.0, 0.01, 3)]
+    assert recommend(pts) == 10_000
+    pts[1].throughput = 90.0
+    assert recommend(pts) == 100_000
+
+
+def test_recommend_skips_sizes_that_do_not_fit_memory():
+    pts = [TunePoint(1_000, 80.0, 0.01, 1), TunePoint(10_000, 100.0, 0.01, 9, fits=False)]
+    assert recommend(pts) == 1_000
+
+
+def test_tune_measures_each_size_on_a_sample_and_never_writes_the_sink(csv_path, tmp_path):
+    out = tmp_path / "real.parquet"
+    pipeline = cb.scan_csv(csv_path, schema=SCHEMA).filter("amount > 0").sink_parquet(out)
+    result = cb.tune(pipeline, sizes=[32_768, 2_048, 8_192], sample_rows=20_000, repeats=2)
+    assert [p.rows for p in result.points] == [2_048, 8_192, 32_768]
+    assert all(len(p.runs) == 2 and p.throughput > 0 and p.peak_rss_bytes > 0 for p in result.points)
+    assert result.recommended in {2_048, 8_192, 32_768}
+    best = result.best().throughput
+    rec = next(p for p in result.points if p.rows == result.recommended)
+    assert rec.throughput >= 0.95 * best
+    assert not out.exists()
+    assert not list(tmp_path.glob("real*"))
+    table = result.table()
+    assert "<- recommended" in table and "rows/s" in table
+    assert json.loads(json.dumps(result.to_dict()))["batch_rows"] == result.recommended
+
+
+def test_tune_never_calls_a_non_file_sink_and_says_so(csv_path):
+    seen = []
+    pipeline = cb.scan_csv(csv_path, schema=SCHEMA).foreach_batch(lambda df: seen.append(df.height), retries=0)
+    result = cb.tune(pipeline, sizes=[4_096], sample_rows=5_000, repeats=1)
+    assert seen == []  # the sample writes Parquet to a temp dir instead
+    assert "cost is not measured" in result.table()
+
+
+def test_sample_source_stops_after_the_first_rows_and_restarts_per_run(csv_path):
+    from colbatch.tune import _Head
+
+    head = _Head(cb.scan_csv(csv_path, schema=SCHEMA).source, 5_000)
+    for _ in range(2):
+        batches = [b for s in head.splits() for b in head.read(s, batch_rows=1_000, on_reject=lambda f: None)]
+        total = sum(b.rows_read for b in batches)
+        assert 5_000 <= total < 5_000 + max(b.rows_read for b in batches)
+        assert batches[0].first_row == 0
+
+
+def test_tune_plot_is_a_png_and_shows_in_a_notebook(csv_path, tmp_path):
+    result = cb.tune(cb.scan_csv(csv_path).sink_parquet(tmp_path / "o.parquet"), sizes=[4_096, 16_384],
+                     sample_rows=10_000, repeats=1)
+    png = tmp_path / "tune.png"
+    result.plot(png)
+    assert png.read_bytes().startswith(PNG)
+    assert result._repr_png_().startswith(PNG)
+
+
+def test_cli_tune_writes_the_recommendation_that_auto_starts_from(csv_path, tmp_path, capsys):
+    job = tmp_path / "job.toml"
+    job.write_text(f'[source]\npath = "{csv_path}"\n[sink]\npath = "{tmp_path / "out.parquet"}"\n')
+    code = main(["tune", str(job), "--sizes", "2048,8192", "--sample-rows", "10000", "--repeats", "1",
+                 "--write", "--plot", str(tmp_path / "t.png")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "recommended batch_size" in printed and "job.tune.json" in printed
+    stored = json.loads((tmp_path / "job.tune.json").read_text())
+    assert stored["batch_rows"] in (2048, 8192)
+    assert (tmp_path / "t.png").read_bytes().startswith(PNG)
+    assert not (tmp_path / "out.parquet").exists()
+    report = load_job(job).run(progress=False)
+    assert report.batch_sizes[0][1] == stored["batch_rows"]
+    assert pl.read_parquet(tmp_path / "out.parquet").height == 40_000
+
+
+def test_cli_tune_bad_sizes_is_a_usage_error(tmp_path, capsys):
+    job = tmp_path / "job.toml"
+    job.write_text('[source]\npath = "x.csv"\n[sink]\npath = "o.parquet"\n')
+    make_frame(10).write_csv(tmp_path / "x.csv")
+    assert main(["tune", str(job), "--sizes", "lots"]) == 2
+    assert "--sizes" in capsys.readouterr().err
+
+
+def test_python_m_colbatch_tune_help_runs():
+    out = subprocess.run([sys.executable, "-m", "colbatch", "tune", "--help"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0 and "--write" in out.stdout
