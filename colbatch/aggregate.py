@@ -33,7 +33,8 @@ from colbatch.batch import Batch, Split
 from colbatch.duck import connect, quote_ident
 from colbatch.errors import ConfigError, SinkError
 from colbatch.metrics import StageMetrics
-from colbatch.report import Report, bottleneck
+from colbatch.diagnose import diagnose
+from colbatch.report import Report
 from colbatch.sinks.base import Sink, SinkResult
 from colbatch.steps import ROW_COL
 
@@ -331,5 +332,7 @@ def fill_report(report: Report, sink: AggregateSink) -> None:
     report.stages = stages
     report.rows_aggregated = sink.stage.rows_in
     report.rows_written = sink.result_rows
-    report.bottleneck = bottleneck(stages, report.elapsed_s, source=report.source, sink=report.sink)
+    if report.bottleneck.get("resource") != "memory":  # memory facts are the runner's; keep that verdict
+        report.bottleneck = diagnose(stages, report.elapsed_s, source=report.source, sink=report.sink,
+                                     cpu=report.bottleneck.get("cpu"), gc_pause_s=report.gc.get("pause_s", 0.0))
 

@@ -109,7 +109,8 @@ class BatchSizer:
         self._t0 = clock()
         self._lock = threading.Lock()
         self._samples: list[float] = []
-        self._skip = 1  # the first batch carries start-up costs
+        # The first batches carry start-up costs and fill the queues: their spacing is not the steady rate.
+        self._skip = DEFAULT_SETTLE_BATCHES + 1
         self._prev: tuple[int, float] | None = None  # (rows, median throughput) of the last size measured
         self.settled = not adaptive
         self.bytes_per_row = 0.0

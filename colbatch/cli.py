@@ -19,6 +19,7 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a TOML job file")
     run.add_argument("job", help="path to the job file")
     run.add_argument("--report", metavar="PATH", help="write the run report as JSON")
+    run.add_argument("--html", metavar="PATH", help="write the run report as an HTML page with charts")
     run.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
     run.add_argument("--resume", action="store_true",
                      help="continue an interrupted run: skip the work its output's ledger lists as committed")
@@ -121,6 +122,8 @@ def _run(args: argparse.Namespace) -> int:
     report = pipeline.run(raise_on_error=False, resume=args.resume, overwrite=args.overwrite)
     if args.report:
         report.save_json(args.report)
+    if args.html:
+        report.save_html(args.html)
     print(report.summary())
     if not report.succeeded:
         print(f"colbatch: error: {report.error}", file=sys.stderr)

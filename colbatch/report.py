@@ -190,23 +190,7 @@ class Report:
 
 
 def bottleneck(stages: list[StageMetrics], elapsed_s: float, *, source: str, sink: str) -> dict[str, Any]:
-    """Which stage bounds the run, from each stage's busy share of the wall time."""
-    if elapsed_s <= 0 or not stages:
-        return {"stage": None, "verdict": "too short to tell", "busy_share": {}}
-    share = {s.name: round(min(1.0, s.busy_s / elapsed_s), 3) for s in stages}
-    name = max(share, key=share.__getitem__)
-    pct = share[name] * 100
-    if name == "read":
-        verdict = f"reading and parsing the source is busy {pct:.0f}% of the time ({source})"
-        advice = ("compressed input is inflated on one core: split it into several files or store it uncompressed"
-                  if any(source.endswith(s) for s in (".gz", ".zst")) else
-                  "the source parser is the limit; Parquet input parses several times faster than CSV")
-    elif name == "write":
-        verdict = f"the sink is busy {pct:.0f}% of the time ({sink})"
-        advice = "encoding/compressing the output is the limit: a lighter codec (compression=\"lz4\" or \"snappy\") is faster"
-    else:
-        verdict = f"step `{name}` is busy {pct:.0f}% of the time"
-        advice = "simplify the step's expressions or move Python UDF work to workers"
-    if pct < 50:
-        advice = "no stage is saturated; the job is short or waits on I/O"
-    return {"stage": name, "verdict": verdict, "recommendation": advice, "busy_share": share}
+    """Which stage bounds the run, from stage times alone (see `colbatch.diagnose.diagnose` for the full verdict)."""
+    from colbatch.diagnose import diagnose
+
+    return diagnose(stages, elapsed_s, source=source, sink=sink)

@@ -125,3 +125,20 @@ def test_html_report_renders_charts_and_escapes_hostile_column_names(tmp_path):
     text = out.read_text(encoding="utf-8")
     assert text.startswith("<!DOCTYPE html>") and "<script" not in text
     assert "bottleneck" in text
+
+
+def test_cli_run_writes_an_html_report(tmp_path):
+    from colbatch.cli import main
+
+    _frame(1_000).write_csv(tmp_path / "in.csv")
+    job = tmp_path / "job.toml"
+    job.write_text(f'[source]\npath = "{tmp_path / "in.csv"}"\n[sink]\npath = "{tmp_path / "o.parquet"}"\n')
+    assert main(["run", str(job), "--no-progress", "--html", str(tmp_path / "r.html")]) == 0
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "bottleneck" in page and "<svg" in page
+
+
+def test_aggregate_run_keeps_the_new_verdict_fields(tmp_path):
+    report = (cb.from_arrow(_frame(5_000)).aggregate("SELECT count(*) AS n FROM input")
+              .sink_parquet(tmp_path / "a.parquet").run(progress=False))
+    assert {"resource", "explanation", "recommendation", "busy_share"} <= set(report.bottleneck)
