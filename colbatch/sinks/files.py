@@ -15,6 +15,7 @@ published and recorded on commit.
 
 from __future__ import annotations
 
+import copy
 import glob
 import os
 from dataclasses import dataclass
@@ -137,7 +138,7 @@ class FileSink(Sink):
             self._units = list(data["units"])
             self._done = Committed.from_json(data)
             self._done.finished = False
-        return Committed.from_json(self._done.to_json())
+        return copy.deepcopy(self._done)
 
     def _save_ledger(self, *, finished: bool = False) -> None:
         assert self._ledger is not None and self._job is not None

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
+
 from colbatch.batch import Split
 from colbatch.errors import SourceError
 
@@ -160,8 +162,6 @@ def line_offset(block: bytes, n: int) -> int:
     """Byte offset where line `n` (0-based) of `block` starts."""
     if n <= 0:
         return 0
-    import numpy as np
-
     newlines = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10)
     return int(newlines[n - 1]) + 1
 

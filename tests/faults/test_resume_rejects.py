@@ -31,16 +31,11 @@ def test_csv_skip_rows_inside_a_block_yields_exactly_the_rows_and_rejects_after_
     assert sum(b.rows_read for b in part) == sum(b.rows_read for b in full) - skip
     # the records after `skip`, good and bad, are exactly those of a full read past the same point
     full_lines = full_rej["_line"].to_list()
-    cut_line = _line_of_record(full, full_rej, skip)
+    cut_line = 2 + skip  # header on line 1; one record per line in this sample
     assert sorted(part_rej["_line"].to_list()) == sorted(ln for ln in full_lines if ln >= cut_line)
     good = pl.concat([b.data for b in part])
     assert good.equals(pl.concat([b.data for b in full]).tail(good.height))
     assert good.height == sum(b.rows_read for b in part) - part_rej.height
-
-
-def _line_of_record(full, full_rej, skip: int) -> int:
-    """File line where source record number `skip` starts (records are lines in this sample)."""
-    return 2 + skip  # header on line 1; one record per line
 
 
 def test_resumed_job_with_rejects_in_the_committed_part_balances_and_loses_nothing(tmp_path):
