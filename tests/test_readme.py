@@ -230,7 +230,7 @@ def readme_run(tmp_path_factory) -> dict:
     results_path = work / ".results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     return {"results": results, "returncode": proc.returncode, "stderr": proc.stderr[-4000:],
-            "stdout": proc.stdout[-2000:], "work": work}
+            "stdout": proc.stdout[-20000:], "work": work}
 
 
 def test_readme_has_examples():
