@@ -18,6 +18,9 @@ import contextlib
 import inspect
 import io
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -297,3 +300,18 @@ def test_every_error_class_appears_in_troubleshooting_or_the_reference(cls):
     assert f"`cb.{cls.__name__}`" in errors
     if cls is not cb.ColbatchError:
         assert cls.__name__ in section("Troubleshooting"), f"{cls.__name__} is not mentioned in Troubleshooting"
+
+
+# -- the sample data -------------------------------------------------------------------------------
+
+
+def test_sample_data_regenerates_byte_for_byte(tmp_path: Path):
+    """`python data/make_sample.py` rebuilds exactly the committed files and data/README.md."""
+    shutil.copy(ROOT / "data" / "make_sample.py", tmp_path / "make_sample.py")
+    proc = subprocess.run([sys.executable, "make_sample.py"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    committed = sorted(p.relative_to(ROOT / "data") for p in (ROOT / "data" / "sample").iterdir())
+    assert [str(p) for p in committed] == ["sample/events.csv", "sample/events.jsonl", "sample/events_2.csv.gz"]
+    for rel in [*committed, Path("README.md")]:
+        assert (tmp_path / rel).read_bytes() == (ROOT / "data" / rel).read_bytes(), f"data/{rel} differs when regenerated"
