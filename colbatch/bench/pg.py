@@ -119,6 +119,15 @@ def _bad_copy(csv: Path, out: Path) -> int:
     return pl.scan_csv(out).filter(pl.col("amount") < -1e9).select(pl.len()).collect().item()
 
 
+METHOD_KEYS = ("cb", "cb_bad", "psql", "pcsv", "ins", "adbc")
+
+
+def _key(method: str) -> str:
+    prefixes = {"colbatch (CSV": "cb", "colbatch, 0.1%": "cb_bad", "psql": "psql", "psycopg COPY": "pcsv",
+                "executemany": "ins", "ADBC": "adbc"}
+    return next(k for p, k in prefixes.items() if method.startswith(p))
+
+
 def main(argv: list[str]) -> int:
     """Run the benchmark and print rows/s per method; 0 when every load has the expected row count."""
     parser = argparse.ArgumentParser(prog="python -m colbatch bench pg")
@@ -127,6 +136,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--insert-rows", type=int, default=DEFAULT_INSERT_ROWS)
     parser.add_argument("--dsn", default=DEFAULT_DSN)
     parser.add_argument("--dir", type=Path, default=Path(".bench"))
+    parser.add_argument("--only", default=None,
+                        help="comma-separated subset of: " + ", ".join(METHOD_KEYS) + " (psql is always run: the baseline)")
     args = parser.parse_args(argv)
     args.dir.mkdir(parents=True, exist_ok=True)
     csv = generate_events_csv(args.dir / f"events_{args.rows}.csv", args.rows).resolve()
@@ -143,12 +154,19 @@ def main(argv: list[str]) -> int:
                                                              len(sample), len(sample)),
     }
     try:
+        import adbc_driver_postgresql.dbapi  # noqa: F401
         import pyarrow.csv as pacsv
 
         arrow = pacsv.read_csv(csv)
         methods["ADBC adbc_ingest (from Arrow)"] = (lambda: adbc_ingest(args.dsn, arrow, "adbc"), args.rows, args.rows)
     except ImportError:
         print("ADBC driver not installed; skipping adbc_ingest")
+    if args.only:
+        keep = {k.strip() for k in args.only.split(",")} | {"psql"}
+        unknown = keep - set(METHOD_KEYS)
+        if unknown:
+            parser.error(f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(METHOD_KEYS)}")
+        methods = {m: v for m, v in methods.items() if _key(m) in keep}
     times: dict[str, list[float]] = {m: [] for m in methods}
     failures = []
     for _ in range(args.runs):
