@@ -211,11 +211,15 @@ class PostgresSink(Sink):
             conn.close()
             raise CheckpointError(f"table `{where}` is locked by another running job; wait for it to finish "
                                   f"(advisory lock {key})", table=self.table)
-        self._lock_conn = conn
+        self._lock_conn, self._lock_key = conn, key
 
     def _unlock(self) -> None:
         conn, self._lock_conn = self._lock_conn, None
         if conn is not None:
+            try:  # release before closing: the server ends a closed session a moment later, not at once
+                conn.execute("SELECT pg_advisory_unlock(%s)", (self._lock_key,))
+            except Exception:  # the session is gone, and its lock with it
+                pass
             try:
                 conn.close()
             except Exception:  # closing ends the session, which drops the lock in any case
