@@ -108,7 +108,9 @@ class Runner:
         self.write_stage = StageMetrics("write")
         self._stop = threading.Event()
         self._errors: list[BaseException] = []
-        self._needs_rows = any(s.needs_rows for s in self.steps)
+        # A sink that rejects rows itself (PostgreSQL) needs each row's position as read, for `_line`.
+        self._sink_rows = bool(getattr(sink, "needs_rows", False))
+        self._needs_rows = any(s.needs_rows for s in self.steps) or self._sink_rows
         self._batches = 0
         self._lock = threading.Lock()
         self.retries = 0
@@ -216,7 +218,7 @@ class Runner:
                 stream = stage.run(stream)
             start = cut + 1
         for batch in stream:
-            if ROW_COL in batch.data.columns:
+            if ROW_COL in batch.data.columns and not self._sink_rows:
                 batch.data = batch.data.drop(ROW_COL)
             yield batch
 

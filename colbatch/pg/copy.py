@@ -59,6 +59,9 @@ def conform(df: pl.DataFrame, types: Sequence[PgType]) -> tuple[pl.DataFrame, np
         if pg.kind in ("json", "jsonb") and src != pl.String:
             exprs.append(_json_text(name, src))
             continue
+        if pg.kind == "numeric" and isinstance(src, pl.Decimal):
+            exprs.append(expr)  # numeric stores any precision and scale; the table's typmod rounds or refuses
+            continue
         if pg.kind == "timestamp" and isinstance(src, pl.Datetime) and src.time_zone and not pg.dtype.time_zone:
             expr = expr.dt.replace_time_zone(None)
         elif pg.kind == "timestamp" and isinstance(src, pl.Datetime) and not src.time_zone and pg.dtype.time_zone:
@@ -118,6 +121,8 @@ def _fields(s: pl.Series, pg: PgType, typname: str) -> pa.Array:
         prefix = _fixed(np.nan_to_num(lengths).astype(">i4").view(np.uint8).reshape(-1, 4))
         prefix = pc.if_else(pc.is_null(values), _NULL_FIELD, prefix) if values.null_count else prefix
         return pc.binary_join_element_wise(prefix, values, _SEP, null_handling="replace", null_replacement=b"")
+    if kind == "numeric":
+        return _numeric_fields(s)
     phys = s.to_physical().fill_null(0).to_numpy()
     if kind == "date":
         data = (phys.astype(np.int32) - _PG_EPOCH_DAYS).astype(">i4")
@@ -135,6 +140,44 @@ def _fields(s: pl.Series, pg: PgType, typname: str) -> pa.Array:
     out = np.empty((len(phys), 4 + width), dtype=np.uint8)
     out[:, :4] = np.frombuffer(np.array([width], dtype=">i4").tobytes(), dtype=np.uint8)
     out[:, 4:] = raw
+    fields = _fixed(out)
+    return pc.if_else(pc.is_null(s.to_arrow()), _NULL_FIELD, fields) if s.null_count() else fields
+
+
+def _numeric_fields(s: pl.Series) -> pa.Array:
+    """Decimal values as `numeric` fields: ndigits, weight, sign, dscale, then base-10000 digits.
+
+    Every value of the column gets the same layout (all digit groups its precision
+    and scale can need, zeros included); the server strips leading and trailing
+    zero groups on receipt. The decimal digits come from Polars' text form of the
+    column, so no value is converted in Python.
+    """
+    dtype = s.dtype
+    assert isinstance(dtype, pl.Decimal)
+    scale = dtype.scale or 0
+    int_digits = max((dtype.precision or 38) - scale, 1)
+    wi, wf = -(-int_digits // 4) * 4, -(-scale // 4) * 4
+    text = s.cast(pl.String)
+    digits = (text.str.strip_prefix("-").str.replace(".", "", literal=True).str.pad_start(wi + scale, "0")
+              .str.pad_end(wi + wf, "0").fill_null("0" * (wi + wf)))
+    raw = digits.to_arrow()
+    if isinstance(raw, pa.ChunkedArray):
+        raw = raw.combine_chunks()
+    raw = raw.cast(pa.large_string())
+    n, width, groups = len(s), wi + wf, (wi + wf) // 4
+    start = int(np.frombuffer(raw.buffers()[1], dtype=np.int64, count=1, offset=raw.offset * 8)[0])
+    matrix = np.frombuffer(raw.buffers()[2], dtype=np.uint8, count=n * width, offset=start).reshape(n, groups, 4)
+    values = (matrix.astype(np.int16) - 48) @ np.array([1000, 100, 10, 1], dtype=np.int16)
+    out = np.empty((n, 4 + 8 + 2 * groups), dtype=np.uint8)
+    head = np.zeros((n, 5), dtype=">i2")
+    head[:, 0] = 8 + 2 * groups  # the field length (high half is 0), then ndigits, weight, sign, dscale
+    head[:, 1] = groups
+    head[:, 2] = wi // 4 - 1
+    head[:, 3] = np.where(text.str.starts_with("-").fill_null(False).to_numpy(), 0x4000, 0).astype(np.int16)
+    head[:, 4] = scale
+    out[:, :2] = 0
+    out[:, 2:12] = head.view(np.uint8).reshape(n, 10)
+    out[:, 12:] = values.astype(">i2").view(np.uint8).reshape(n, 2 * groups)
     fields = _fixed(out)
     return pc.if_else(pc.is_null(s.to_arrow()), _NULL_FIELD, fields) if s.null_count() else fields
 

@@ -15,7 +15,7 @@ Good rows stay loaded; the caller commits them together with the ledger row.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,8 @@ class LoadStats:
     attempts: int = 0
     statements: int = 0
     failed_attempts: int = 0
+    # Rows the client-side screen (`colbatch.pg.screen`) set apart to be COPYed on their own.
+    suspects: int = 0
 
 
 @dataclass
@@ -68,14 +70,21 @@ class IsolatingLoader:
         self.after_copy = after_copy
         self.stats = stats or LoadStats()
 
-    def load(self, cur: Any, rows: EncodedRows) -> UnitResult:
-        """Load all good rows of `rows` in the cursor's open transaction; never commits."""
+    def load(self, cur: Any, rows: EncodedRows, pieces: Sequence[tuple[int, int]] | None = None) -> UnitResult:
+        """Load all good rows of `rows` in the cursor's open transaction; never commits.
+
+        Args:
+            cur: a cursor whose transaction is open.
+            rows: the unit, encoded.
+            pieces: row ranges to try first, in order, covering `rows` (default: all rows at once);
+                e.g. the rows a screen passed, then its suspects.
+        """
         result = UnitResult()
         n = len(rows)
         if n == 0:
             return result
         self._exec(cur, SAVEPOINT)
-        pending = [(0, n)]
+        pending = [p for p in reversed(pieces or [(0, n)]) if p[1] > p[0]]
         while pending:
             lo, hi = pending.pop()
             error = self._attempt(cur, rows, lo, hi)

@@ -14,6 +14,8 @@ from colbatch.ledger import Committed, JobIdentity, SplitState, contiguous_rows
 
 # One table per database schema, shared by every job that loads into that schema.
 DEFAULT_LEDGER_TABLE = "colbatch_ledger"
+# The row that says a job finished (committed its last unit): no real split has this id or a negative first row.
+FINISHED_SPLIT = "(job finished)"
 
 
 class PgLedger:
@@ -50,7 +52,8 @@ class PgLedger:
         from psycopg import sql
 
         rows = conn.execute(sql.SQL("SELECT split, first_row, row_count, complete, fingerprint FROM {} "
-                                    "WHERE job_id = %s").format(self.ident), (job.job_id,)).fetchall()
+                                    "WHERE job_id = %s AND split <> %s").format(self.ident),
+                            (job.job_id, FINISHED_SPLIT)).fetchall()
         conn.commit()
         prints = {r[4] for r in rows}
         if prints - {job.fingerprint}:
@@ -89,3 +92,16 @@ class PgLedger:
 
         return cur.execute(sql.SQL("SELECT 1 FROM {} WHERE job_id = %s AND split = %s AND first_row = %s")
                            .format(self.ident), (job_id, split, first_row)).fetchone() is not None
+
+    def finish(self, cur: Any, job: JobIdentity, target: str) -> None:
+        """Record that `job` finished, in the caller's transaction (its last one)."""
+        self.record(cur, job, target, FINISHED_SPLIT, -1, 0, 0, 0, complete=True)
+
+    def is_finished(self, conn: Any, job: JobIdentity) -> bool:
+        """True when the ledger holds the finished row of this same job definition."""
+        from psycopg import sql
+
+        if conn.execute("SELECT to_regclass(%s)", (self.ident.as_string(conn),)).fetchone()[0] is None:
+            return False
+        return conn.execute(sql.SQL("SELECT 1 FROM {} WHERE job_id = %s AND split = %s AND fingerprint = %s")
+                            .format(self.ident), (job.job_id, FINISHED_SPLIT, job.fingerprint)).fetchone() is not None

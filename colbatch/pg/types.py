@@ -21,7 +21,7 @@ class PgType:
 
     name: str
     dtype: pl.DataType
-    kind: str  # one of: bool, int, float, text, bytea, date, timestamp, time, interval, json, jsonb
+    kind: str  # one of: bool, int, float, numeric, text, bytea, date, timestamp, time, interval, json, jsonb
 
 
 # PostgreSQL type name (as `pg_type.typname`) → encoding. Text-like types share text's binary format.
@@ -32,6 +32,8 @@ PG_TYPES: dict[str, PgType] = {
     "int8": PgType("bigint", pl.Int64(), "int"),
     "float4": PgType("real", pl.Float32(), "float"),
     "float8": PgType("double precision", pl.Float64(), "float"),
+    # Decimal columns keep their own precision and scale; integers go as Decimal(38, 0).
+    "numeric": PgType("numeric", pl.Decimal(38, 0), "numeric"),
     "text": PgType("text", pl.String(), "text"),
     "varchar": PgType("character varying", pl.String(), "text"),
     "bpchar": PgType("character", pl.String(), "text"),
@@ -45,15 +47,15 @@ PG_TYPES: dict[str, PgType] = {
     "jsonb": PgType("jsonb", pl.String(), "jsonb"),
 }
 
-SUPPORTED = ("Boolean, Int8-64, UInt8-64, Float32/64, String, Categorical, Enum, Binary, Date, Datetime, Time, "
+SUPPORTED = ("Boolean, Int8-64, UInt8-64, Float32/64, Decimal, String, Categorical, Enum, Binary, Date, Datetime, Time, "
              "Duration, Struct, List, Array, Null")
 
 
 def pg_type_for(column: str, dtype: pl.DataType) -> str:
-    """The `pg_type.typname` a new table uses for a Polars column type.
+    """The PostgreSQL type a new table uses for a Polars column type (a `pg_type.typname`, or `numeric(p,s)`).
 
     Raises:
-        SchemaError: the type has no lossless PostgreSQL counterpart here (e.g. Decimal); cast it first.
+        SchemaError: the type has no lossless PostgreSQL counterpart here (e.g. Object); cast it first.
     """
     if dtype == pl.Boolean:
         return "bool"
@@ -68,6 +70,8 @@ def pg_type_for(column: str, dtype: pl.DataType) -> str:
         return "float4"
     if dtype == pl.Float64:
         return "float8"
+    if isinstance(dtype, pl.Decimal):
+        return "numeric" if dtype.precision is None else f"numeric({dtype.precision},{dtype.scale})"
     if dtype in (pl.String, pl.Categorical, pl.Null) or isinstance(dtype, pl.Enum):
         return "text"
     if dtype == pl.Binary:
@@ -113,6 +117,8 @@ def _castable(dtype: pl.DataType, pg: PgType) -> bool:
         return dtype == pl.String or isinstance(dtype, (pl.Struct, pl.List, pl.Array))
     if pg.kind == "text":
         return dtype in (pl.String, pl.Categorical) or isinstance(dtype, pl.Enum)
+    if pg.kind == "numeric":
+        return isinstance(dtype, pl.Decimal) or dtype.is_integer()
     if pg.kind in ("int", "float"):
         return dtype.is_numeric() and not (pg.kind == "int" and dtype.is_float())
     if pg.kind == "timestamp":

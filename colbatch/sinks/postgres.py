@@ -10,10 +10,16 @@ duplicates and no gaps. Modes:
 * `replace`: rows go to a staging table that replaces the target in one transaction at commit.
 * `upsert`: each unit is COPYed into a temporary table and merged with
   `INSERT ... ON CONFLICT (key) DO UPDATE` in the unit's transaction.
+
+Before a unit is sent, the table's cheap constraints are checked on it in Arrow
+(`colbatch.pg.screen`), so rows that would fail are COPYed on their own and the
+rest in one piece. A finished job run again is a no-op (its ledger holds a
+finished row), and a session advisory lock on the table keeps a second run off it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -24,13 +30,14 @@ import polars as pl
 
 from colbatch import faults
 from colbatch.batch import Batch, Split
-from colbatch.errors import ColbatchError, ConfigError, SinkError
+from colbatch.errors import CheckpointError, ColbatchError, ConfigError, SinkError
 from colbatch.ledger import Committed, JobIdentity, digest
 from colbatch.pg import connect, mask_dsn, psycopg, scrub
 from colbatch.pg.copy import conform, encode
 from colbatch.pg.isolate import BadRow, IsolatingLoader, LoadStats, UnitResult
 from colbatch.pg.ledger import DEFAULT_LEDGER_TABLE, PgLedger
 from colbatch.pg.retry import backoff_delay, is_transient, sqlstate
+from colbatch.pg.screen import Screen, load_catalog, rules_for
 from colbatch.pg.types import check_compatible, pg_type_for
 from colbatch.rejects import reject_frame
 from colbatch.sinks.base import Sink, SinkResult
@@ -63,6 +70,8 @@ class PostgresSink(Sink):
 
     name = "postgresql"
     supports_resume = True
+    # Rows arrive with their position as read (ROW_COL), so load rejects name their source line.
+    needs_rows = True
 
     def __init__(self, dsn: str, table: str, *, mode: Mode = "append", key: str | Sequence[str] | None = None,
                  schema: str | None = None, retries: int = DEFAULT_RETRIES, backoff_s: float = DEFAULT_BACKOFF_S,
@@ -91,6 +100,8 @@ class PostgresSink(Sink):
         self._rejected = 0
         self._load_table = self.table
         self._columns: list[str] = []
+        self._screen: Screen | None = None
+        self._lock_conn: Any = None
 
     # -- description ------------------------------------------------------------------------
 
@@ -157,6 +168,7 @@ class PostgresSink(Sink):
     def begin(self, job: JobIdentity, *, resume: bool) -> Committed:
         """Create the ledger table if needed; with `resume`, return this job's committed units, else forget them."""
         self._job, self._resume = job, resume
+        self._lock()
 
         def work(cur: Any, _: int) -> Committed:
             if resume:
@@ -166,6 +178,65 @@ class PostgresSink(Sink):
 
         self._transact(lambda cur, _: self._ledger.ensure(cur.connection), "creating the ledger table")
         return self._transact(work, "reading the ledger")
+
+    def _lock(self) -> None:
+        """Take a session advisory lock on the target table, or fail at once: one run per table at a time.
+
+        The lock lives on its own connection for the whole run; the server drops it when
+        that session ends, so a killed run never leaves a stale lock.
+        """
+        if self._lock_conn is not None:
+            return
+        attempt = 0
+        while True:
+            try:
+                conn = connect(self._dsn, autocommit=True)
+                break
+            except Exception as exc:
+                if not is_transient(exc) or attempt >= self.retries:
+                    raise SinkError(f"PostgreSQL refused a connection for `{self.table}` after {attempt + 1} "
+                                    f"attempt(s): {scrub(str(exc), self._dsn)}", sqlstate=sqlstate(exc)) from None
+                self._sleep(backoff_delay(attempt, self.backoff_s, DEFAULT_BACKOFF_CAP_S))
+                self.retried += 1
+                attempt += 1
+        try:
+            where = f"{self.schema_name or conn.execute('SELECT current_schema()').fetchone()[0]}.{self.table}"
+            key = int.from_bytes(hashlib.sha256(f"colbatch table {where}".encode()).digest()[:8], "big", signed=True)
+            locked = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]
+        except Exception as exc:
+            conn.close()
+            raise SinkError(f"PostgreSQL refused locking `{self.table}`: {scrub(str(exc), self._dsn)}",
+                            sqlstate=sqlstate(exc)) from None
+        if not locked:
+            conn.close()
+            raise CheckpointError(f"table `{where}` is locked by another running job; wait for it to finish "
+                                  f"(advisory lock {key})", table=self.table)
+        self._lock_conn, self._lock_key = conn, key
+
+    def _unlock(self) -> None:
+        conn, self._lock_conn = self._lock_conn, None
+        if conn is not None:
+            try:  # release before closing: the server ends a closed session a moment later, not at once
+                conn.execute("SELECT pg_advisory_unlock(%s)", (self._lock_key,))
+            except Exception:  # the session is gone, and its lock with it
+                pass
+            try:
+                conn.close()
+            except Exception:  # closing ends the session, which drops the lock in any case
+                pass
+
+    def finished(self, job: JobIdentity) -> bool:
+        """True when the ledger says this same job already finished and the table is there."""
+        def work(cur: Any, _: int) -> bool:
+            if not self._ledger.is_finished(cur.connection, job):
+                return False
+            return cur.execute("SELECT to_regclass(%s)", (self._ident(self.table).as_string(cur.connection),)
+                               ).fetchone()[0] is not None
+
+        try:
+            return bool(self._transact(work, "reading the ledger"))
+        finally:
+            self._drop_connection()
 
     def open(self, schema: pl.Schema) -> None:
         """Create or check the target table (a staging table for `replace`) and prepare the COPY statement."""
@@ -185,6 +256,8 @@ class PostgresSink(Sink):
         if self.mode == "replace":
             self._load_table = _staging_name(self.table, self._job.job_id)
         self._transact(lambda cur, _: self._prepare(cur, schema), "preparing the table")
+        self._screen = Screen(rules_for(self._catalog[0], self._catalog[1], self._columns),
+                              conform(pl.DataFrame(schema=schema), self._types)[0])
         self._loader = IsolatingLoader(self._copy_sql(), stats=self.stats,
                                        after_copy=self._merge if self.mode == "upsert" else None)
 
@@ -208,16 +281,19 @@ class PostgresSink(Sink):
         types = check_compatible(schema, existing, target=self.table)
         self._types = [types[c] for c in schema]
         self._typnames = [existing[c] for c in schema]
+        # The constraints rows must pass: the target's (upsert merges into it), else the table COPY writes.
+        oid = self._table_oid(cur, self.table if self.mode == "upsert" else self._load_table)
+        self._catalog = load_catalog(cur, oid)
+
+    def _table_oid(self, cur: Any, table: str) -> int | None:
+        return cur.execute("SELECT to_regclass(%s)::oid", (self._ident(table).as_string(cur.connection),)).fetchone()[0]
 
     def _table_columns(self, cur: Any, table: str) -> dict[str, str] | None:
         """Column name → `pg_type.typname` of a table, or None when it does not exist."""
-        oid = cur.execute("SELECT to_regclass(%s)::oid", (self._ident(table).as_string(cur.connection),)).fetchone()[0]
+        oid = self._table_oid(cur, table)
         if oid is None:
             return None
-        rows = cur.execute("SELECT a.attname, t.typname FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
-                           "WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
-                           (oid,)).fetchall()
-        return dict(rows)
+        return {name: col.typname for name, col in load_catalog(cur, oid)[0].items()}
 
     def _copy_sql(self) -> Any:
         from psycopg import sql
@@ -244,10 +320,14 @@ class PostgresSink(Sink):
         """COPY one batch as one unit, with its ledger row, in one transaction (retried when transient)."""
         assert self._job is not None
         job = self._job
+        # Positions of the rows in the batch as read (earlier steps may have filtered or rejected some).
+        read_pos = batch.data[ROW_COL].to_numpy().astype(np.int64) if ROW_COL in batch.data.columns else None
         df = batch.data.select(self._columns)
         cast, lost = conform(df, self._types)
         positions = np.arange(df.height) if lost is None else np.flatnonzero(~lost)
-        encoded = encode(cast if lost is None else cast.filter(pl.Series(~lost)), self._types, self._typnames)
+        frame = cast if lost is None else cast.filter(pl.Series(~lost))
+        frame, positions, pieces = self._screened(frame, positions)
+        encoded = encode(frame, self._types, self._typnames)
         outcome: dict[str, UnitResult] = {}
 
         def work(cur: Any, attempt: int) -> UnitResult:
@@ -256,7 +336,7 @@ class PostgresSink(Sink):
                 return outcome["result"]  # the last attempt's commit reached the server before the connection broke
             if self.mode == "upsert":
                 self._create_stage(cur)
-            result = self._loader.load(cur, encoded)
+            result = self._loader.load(cur, encoded, pieces)
             rejected = len(result.bad) + (0 if lost is None else int(lost.sum()))
             self._ledger.record(cur, job, self.describe(), batch.split.id, batch.first_row, batch.rows_read,
                                 result.loaded, rejected)
@@ -270,7 +350,20 @@ class PostgresSink(Sink):
             bad += [(int(i), "SQLSTATE 22003: value out of range for the column's PostgreSQL type")
                     for i in np.flatnonzero(lost)]
         if bad:
-            self._reject(batch, df, sorted(bad))
+            self._reject(batch, df, sorted(bad), read_pos)
+
+    def _screened(self, frame: pl.DataFrame, positions: np.ndarray
+                  ) -> tuple[pl.DataFrame, np.ndarray, list[tuple[int, int]] | None]:
+        """Move the rows the screen suspects to the end, to be COPYed apart; returns rows, positions, pieces."""
+        suspect = self._screen.suspects(frame) if self._screen else None
+        if suspect is None:
+            return frame, positions, None
+        if self.mode == "upsert" and frame.select(self.keys).is_duplicated().any():
+            return frame, positions, None  # the last row of a key must stay last: keep the unit's order
+        self.stats.suspects += int(suspect.sum())
+        order = np.concatenate([np.flatnonzero(~suspect), np.flatnonzero(suspect)])
+        good = frame.height - int(suspect.sum())
+        return frame[order], positions[order], [(0, good), (good, frame.height)]
 
     def _create_stage(self, cur: Any) -> None:
         from psycopg import sql
@@ -279,13 +372,14 @@ class PostgresSink(Sink):
         cur.execute(sql.SQL("CREATE TEMP TABLE colbatch_stage ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA")
                     .format(cols, self._ident(self.table)))
 
-    def _reject(self, batch: Batch, df: pl.DataFrame, bad: list[tuple[int, str]]) -> None:
+    def _reject(self, batch: Batch, df: pl.DataFrame, bad: list[tuple[int, str]], read_pos: np.ndarray | None) -> None:
         self._rejected += len(bad)
         if self.on_reject is None:
             return
         idx = np.array([i for i, _ in bad], dtype=np.int64)
         reasons = pl.Series("_reason", [scrub(r, self._dsn) for _, r in bad], dtype=pl.String)
-        self.on_reject(reject_frame(source=batch.split.path or batch.split.id, lines=batch.lines_of(idx),
+        lines = batch.lines_of(idx if read_pos is None else read_pos[idx])
+        self.on_reject(reject_frame(source=batch.split.path or batch.split.id, lines=lines,
                                     stage="load", reasons=reasons, values=df[idx]))
 
     def split_done(self, split: Split, rows: int) -> None:
@@ -297,9 +391,13 @@ class PostgresSink(Sink):
 
     def commit(self) -> SinkResult:
         """Units are already committed; `replace` now swaps the staging table in, atomically."""
+        assert self._job is not None
+        job = self._job
         if self.mode == "replace":
             self._transact(self._swap, "replacing the table")
-        self._drop_connection()
+        else:
+            self._transact(lambda cur, _: self._ledger.finish(cur, job, self.describe()), "finishing the job")
+        self._close()
         return SinkResult(rows=self._rows, target=self.describe(), rejected=self._rejected)
 
     def _swap(self, cur: Any, _: int) -> None:
@@ -310,6 +408,14 @@ class PostgresSink(Sink):
         cur.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(self._ident(self._load_table),
                                                                   sql.Identifier(self.table)))
         self._ledger.forget(cur, self._job.job_id)
+        self._ledger.finish(cur, self._job, self.describe())
+
+    def _close(self) -> None:
+        self._drop_connection()
+        self._unlock()
+        if self._screen is not None:
+            self._screen.close()
+            self._screen = None
 
     def abort(self, error: BaseException | None) -> None:
         """Roll back the open unit (committed units stay, recorded in the ledger for resume); never raises."""
@@ -318,7 +424,7 @@ class PostgresSink(Sink):
                 self._conn.rollback()
         except Exception:  # best effort: the connection may be gone already
             pass
-        self._drop_connection()
+        self._close()
 
 
 def _staging_name(table: str, job_id: str) -> str:

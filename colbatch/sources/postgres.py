@@ -14,21 +14,26 @@ import io
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from colbatch.batch import Batch, Split
 from colbatch.errors import ConfigError, SourceError
 from colbatch.pg import connect, mask_dsn, psycopg, scrub
+from colbatch.rejects import cast_or_reject
 from colbatch.sinks.postgres import check_identifier
 from colbatch.sources.base import ReadNotes, RejectFn, Source
 
-# pg_type.typname → Polars type for the columns colbatch converts; any other type arrives as text.
+# pg_type.typname → Polars type for the columns colbatch converts; any other type arrives as text
+# (and `numeric(p, s)` with p <= 38 as Decimal(p, s); unconstrained `numeric` has no fixed scale, so text).
 PG_TO_POLARS: dict[str, pl.DataType] = {
     "bool": pl.Boolean(), "int2": pl.Int16(), "int4": pl.Int32(), "int8": pl.Int64(), "oid": pl.Int64(),
     "float4": pl.Float32(), "float8": pl.Float64(), "text": pl.String(), "varchar": pl.String(),
     "bpchar": pl.String(), "name": pl.String(), "bytea": pl.Binary(), "date": pl.Date(),
     "timestamp": pl.Datetime("us"), "timestamptz": pl.Datetime("us", "UTC"), "time": pl.Time(),
 }
+# Arrow's decimal128 holds at most 38 digits.
+MAX_DECIMAL_PRECISION = 38
 # Session settings that make the server's text output unambiguous for the parser below.
 SESSION = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET bytea_output = 'hex'; SET extra_float_digits = 3"
 
@@ -60,8 +65,9 @@ class PostgresSource(Source):
             self._label = "query"
         self.partition_on = check_identifier(partition_on, "partition column") if partition_on else None
         self.partitions = partitions
-        self._columns, self._types = self._describe()
-        self._schema = pl.Schema({c: PG_TO_POLARS.get(t, pl.String()) for c, t in zip(self._columns, self._types)})
+        self._columns, self._types, self._numeric = self._describe()
+        self._schema = pl.Schema({c: self._numeric.get(c) or PG_TO_POLARS.get(t, pl.String())
+                                  for c, t in zip(self._columns, self._types)})
         if self.partition_on is not None and self.partition_on not in self._columns:
             raise ConfigError(f"`partition_on` column `{self.partition_on}` is not in the result; columns: "
                               f"{', '.join(self._columns)}")
@@ -89,7 +95,7 @@ class PostgresSource(Source):
         return SourceError(f"PostgreSQL source `{self._label}` failed while {what}: {scrub(str(exc), self._dsn)}",
                            sqlstate=getattr(exc, "sqlstate", None))
 
-    def _describe(self) -> tuple[list[str], list[str]]:
+    def _describe(self) -> tuple[list[str], list[str], dict[str, pl.Decimal]]:
         from psycopg import sql
 
         try:
@@ -98,7 +104,10 @@ class PostgresSource(Source):
                 oids = [d.type_code for d in cur.description]
                 names = dict(conn.execute("SELECT oid::int8, typname FROM pg_type WHERE oid = ANY(%s)",
                                           ([int(o) for o in oids],)).fetchall())
-                return [d.name for d in cur.description], [names.get(int(o), "text") for o in oids]
+                types = [names.get(int(o), "text") for o in oids]
+                numeric = {d.name: pl.Decimal(d.precision, d.scale) for d, t in zip(cur.description, types)
+                           if t == "numeric" and d.precision and d.precision <= MAX_DECIMAL_PRECISION}
+                return [d.name for d in cur.description], types, numeric
         except psycopg().Error as exc:
             raise self._fail(exc, "describing its columns") from None
 
@@ -154,21 +163,28 @@ class PostgresSource(Source):
                     for chunk in copy:
                         chunks.append(bytes(chunk))
                         if len(chunks) >= batch_rows:
-                            yield self._batch(chunks, split, row)
+                            yield self._batch(chunks, split, row, on_reject)
                             row += len(chunks)
                             chunks = []
                     if chunks:
-                        yield self._batch(chunks, split, row)
+                        yield self._batch(chunks, split, row, on_reject)
         except psycopg().Error as exc:
             raise self._fail(exc, f"reading split `{split.id}`") from None
 
-    def _batch(self, chunks: list[bytes], split: Split, first_row: int) -> Batch:
+    def _batch(self, chunks: list[bytes], split: Split, first_row: int, on_reject: RejectFn) -> Batch:
         data = b"".join(chunks)
         names = [f"c{i}" for i in range(len(self._columns))]  # real names may repeat or be hostile to the parser
         text = pl.read_csv(io.BytesIO(data), has_header=False, new_columns=names, infer_schema=False,
                            schema=pl.Schema({n: pl.String() for n in names}))
-        frame = text.select([_convert(pl.col(n), t).alias(c) for n, t, c in zip(names, self._types, self._columns)])
-        return Batch(frame, split, first_row=first_row, rows_read=len(chunks), bytes_read=len(data))
+        frame = text.select([(pl.col(n) if c in self._numeric else _convert(pl.col(n), t)).alias(c)
+                             for n, t, c in zip(names, self._types, self._columns)])
+        if not self._numeric:
+            return Batch(frame, split, first_row=first_row, rows_read=len(chunks), bytes_read=len(data))
+        # numeric(p, s) may hold NaN, which Decimal cannot: such rows become `cast` rejects, not nulls.
+        rows = np.arange(first_row, first_row + frame.height, dtype=np.int64)
+        frame, kept = cast_or_reject(frame, self._schema, source=self._label, lines=rows, on_reject=on_reject)
+        return Batch(frame, split, first_row=first_row, rows_read=len(chunks), bytes_read=len(data),
+                     line_fn=None if len(kept) == len(rows) else (lambda pos, kept=kept: kept[pos]))
 
 
 def _convert(col: pl.Expr, typname: str) -> pl.Expr:

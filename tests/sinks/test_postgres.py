@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import json
 import logging
 import os
@@ -44,6 +45,8 @@ ALL_TYPES = pl.DataFrame({
     "tstz": pl.Series([dt.datetime(2024, 6, 1, 12), None, dt.datetime(1999, 12, 31, 23, 59, 59)]).dt.replace_time_zone("UTC"),
     "tm": [dt.time(23, 59, 59, 999999), None, dt.time(0)], "du": [dt.timedelta(days=2, microseconds=7), None, dt.timedelta(0)],
     "st": [{"x": 1, "y": "a"}, None, {"x": None, "y": "q\"uote"}], "li": [[1, 2], None, []],
+    "dec": pl.Series([decimal.Decimal("-12345678901234567890.0123456789"), None, decimal.Decimal("0")],
+                     dtype=pl.Decimal(38, 10)),
 })
 
 
@@ -316,10 +319,176 @@ def test_postgres_job_file_sink(pg_dsn, pg_schema, tmp_path):
     job = {"source": {"path": str(p)}, "sink": {"path": pg_dsn, "table": "j", "schema": pg_schema, "mode": "upsert",
                                                  "key": "id"}}
     report = build_job(job).run(progress=False)
-    report2 = build_job(job).run(progress=False)
+    report2 = build_job(job).run(progress=False, overwrite=True)
     assert report.rows_written == report2.rows_written == 100
     assert _count(pg_dsn, pg_schema, "j") == 100
     with pytest.raises(cb.ConfigError, match="needs a `table`"):
         build_job({"source": {"path": str(p)}, "sink": {"path": pg_dsn}})
     with pytest.raises(cb.ConfigError, match="`mode`"):
         build_job({"source": {"path": str(p)}, "sink": {"path": pg_dsn, "table": "j", "mode": "merge"}})
+
+
+def _check_table(dsn, schema, name="c"):
+    pg_query(dsn, sql.SQL("CREATE TABLE {} (id bigint PRIMARY KEY, amount double precision CHECK (amount > -1000), "
+                          "type text)").format(_ident(schema, name)))
+
+
+def test_postgres_load_reject_lines_are_source_lines_after_filter_and_validate(pg_dsn, pg_schema, tmp_path):
+    _check_table(pg_dsn, pg_schema)
+    df = make_frame(3000).with_columns(amount=pl.when(pl.col("id").is_in([1500, 2999])).then(-5000.0)
+                                       .otherwise(pl.col("amount")))
+    path = tmp_path / "in.csv"
+    df.write_csv(path)  # header on line 1: id N is on line N + 1
+    pipeline = (cb.scan_csv(path, schema={"id": "int64", "amount": "float64", "type": "str"})
+                .filter(pl.col("id") % 3 != 1)                          # drops ids 1, 4, 7, ... before the sink
+                .validate(pl.col("id") != 1001, name="not_1001")        # and rejects id 1001
+                .sink_postgres(pg_dsn, "c", schema=pg_schema))
+    report = pipeline.run(progress=False, batch_size=1000)
+    assert_accounting(report)
+    rej = report.rejects.sort("_line")
+    assert rej.select("id", "_line", "_stage").rows() == [("1001", 1002, "validate"), ("1500", 1501, "load"),
+                                                          ("2999", 3000, "load")]
+    assert rej["_source"].to_list() == [str(path)] * 3
+    assert all("SQLSTATE 23514" in r for r in rej.filter(pl.col("_stage") == "load")["_reason"])
+    assert report.rows_filtered == 1000 and report.rows_written == 1997
+
+
+def _double(df: pl.DataFrame) -> pl.DataFrame:
+    return df.with_columns(amount=pl.col("amount") * 2)
+
+
+def test_postgres_load_reject_lines_survive_a_filter_then_a_udf(pg_dsn, pg_schema, tmp_path):
+    _check_table(pg_dsn, pg_schema)
+    df = make_frame(500).with_columns(amount=pl.when(pl.col("id") == 400).then(-5000.0).otherwise(pl.col("amount")))
+    path = tmp_path / "in.csv"
+    df.write_csv(path)
+    report = (cb.scan_csv(path, schema={"id": "int64", "amount": "float64", "type": "str"})
+              .filter(pl.col("id") > 100)
+              .map_batches(_double)
+              .sink_postgres(pg_dsn, "c", schema=pg_schema).run(progress=False))
+    assert_accounting(report)
+    assert report.rejects.select("id", "_line", "_stage").rows() == [("400", 401, "load")]
+
+
+def test_postgres_screen_sends_suspects_apart_and_the_server_judges_them(pg_dsn, pg_schema):
+    pg_query(pg_dsn, sql.SQL("CREATE TABLE {} (id bigint, code varchar(3) NOT NULL, amount numeric(5,2) "
+                             "CHECK (amount <> 13))").format(_ident(pg_schema, "s")))
+    n = 5000
+    bad = {100: ("abc", 1000), 200: (None, 1), 300: ("abcd", 1), 400: ("ab", 13)}
+    codes = [bad.get(i, ("x", 1))[0] for i in range(n)]
+    codes[500] = "ab   "  # longer than 3, but PostgreSQL drops trailing spaces: a suspect that loads
+    df = pl.DataFrame({"id": range(n), "code": codes,
+                       "amount": pl.Series([bad.get(i, ("", 1))[1] for i in range(n)]).cast(pl.Decimal(10, 2))})
+    pipeline = cb.from_arrow(df).sink_postgres(pg_dsn, "s", schema=pg_schema)
+    report = pipeline.run(progress=False, batch_size=n)
+    assert_accounting(report)
+    states = dict(zip((int(i) for i in report.rejects["id"]), report.rejects["_reason"]))
+    assert sorted(states) == [100, 200, 300, 400]
+    assert states[100].startswith("SQLSTATE 22003") and states[200].startswith("SQLSTATE 23502")
+    assert states[300].startswith("SQLSTATE 22001") and states[400].startswith("SQLSTATE 23514")
+    assert "check constraint" in states[400]
+    assert pipeline.sink.stats.suspects == 5 and pipeline.sink.stats.attempts <= 7, pipeline.sink.stats
+    assert pg_query(pg_dsn, sql.SQL("SELECT code FROM {} WHERE id = 500").format(_ident(pg_schema, "s"))) == [("ab ",)]
+    assert _count(pg_dsn, pg_schema, "s") == n - 4
+
+
+def test_postgres_errors_the_screen_cannot_see_are_isolated_by_the_server_line(pg_dsn, pg_schema):
+    # A duplicate key and a CHECK that DuckDB cannot evaluate (num_nonnulls) are found by COPY itself.
+    pg_query(pg_dsn, sql.SQL("CREATE TABLE {} (id bigint UNIQUE, a int, b int CHECK (num_nonnulls(a, b) > 0))")
+             .format(_ident(pg_schema, "u")))
+    df = pl.DataFrame({"id": pl.int_range(0, 10_000, eager=True), "a": pl.Series([1] * 10_000),
+                       "b": pl.Series([1] * 10_000)})
+    df = df.with_columns(id=pl.when(pl.col("id") == 6000).then(10).otherwise(pl.col("id")),
+                         a=pl.when(pl.col("id") == 8000).then(None).otherwise(pl.col("a")),
+                         b=pl.when(pl.col("id") == 8000).then(None).otherwise(pl.col("b")))
+    pipeline = cb.from_arrow(df).sink_postgres(pg_dsn, "u", schema=pg_schema)
+    report = pipeline.run(progress=False, batch_size=10_000)
+    assert_accounting(report)
+    reasons = dict(zip(report.rejects["_line"].to_list(), report.rejects["_reason"]))
+    assert sorted(reasons) == [6000, 8000]  # row indices of an in-memory source
+    assert reasons[6000].startswith("SQLSTATE 23505") and reasons[8000].startswith("SQLSTATE 23514")
+    assert pipeline.sink.stats.suspects == 0 and pipeline.sink.stats.statements <= 30, pipeline.sink.stats
+
+
+def test_postgres_decimal_round_trips_through_numeric(pg_dsn, pg_schema):
+    values = [decimal.Decimal(v) for v in ("-98765432109876543210.1234567890", "0", "1E-10", "-0.0000000001",
+                                           "12345678901234567890123456.7")] + [None]
+    df = pl.DataFrame({"id": range(6), "d": pl.Series(values, dtype=pl.Decimal(38, 10)),
+                       "small": pl.Series([decimal.Decimal("-1.5"), None, decimal.Decimal("0"), decimal.Decimal("99.99"),
+                                           decimal.Decimal("0.01"), decimal.Decimal("-99.99")], dtype=pl.Decimal(4, 2))})
+    report = cb.from_arrow(df).sink_postgres(pg_dsn, "n", schema=pg_schema, mode="create").run(progress=False)
+    assert report.rows_written == 6 and report.rows_rejected == 0
+    types = pg_query(pg_dsn, "SELECT column_name, numeric_precision, numeric_scale FROM information_schema.columns "
+                             "WHERE table_schema = %s AND table_name = 'n' AND data_type = 'numeric' ORDER BY 1",
+                     (pg_schema,))
+    assert types == [("d", 38, 10), ("small", 4, 2)]
+    got = pg_query(pg_dsn, sql.SQL("SELECT d, small FROM {} ORDER BY id").format(_ident(pg_schema, "n")))
+    assert [r[0] for r in got] == values and [r[1] for r in got] == df["small"].to_list()
+    back = []
+    cb.scan_postgres(pg_dsn, table="n", schema=pg_schema).foreach_batch(back.append).run(progress=False)
+    back_df = pl.concat(back).sort("id")
+    assert back_df.schema == df.schema and back_df.equals(df)
+
+
+def test_postgres_decimal_and_integers_into_an_existing_numeric_column(pg_dsn, pg_schema):
+    pg_query(pg_dsn, sql.SQL("CREATE TABLE {} (k numeric, v numeric(6,2))").format(_ident(pg_schema, "e")))
+    df = pl.DataFrame({"k": pl.Series([2**63 - 1, -1, None], dtype=pl.Int64),
+                       "v": pl.Series(["1234.5", "12345.67", "-0.004"]).cast(pl.Decimal(12, 3))})
+    report = cb.from_arrow(df).sink_postgres(pg_dsn, "e", schema=pg_schema).run(progress=False, max_error_rate=None)
+    assert_accounting(report)
+    assert report.rows_rejected == 1 and report.rejects["_reason"][0].startswith("SQLSTATE 22003")
+    got = pg_query(pg_dsn, sql.SQL("SELECT k, v FROM {} ORDER BY k NULLS LAST").format(_ident(pg_schema, "e")))
+    assert got == [(decimal.Decimal(2**63 - 1), decimal.Decimal("1234.50")), (None, decimal.Decimal("0.00"))]
+    assert report.rejects["k"].to_list() == ["-1"]
+    with pytest.raises(cb.SchemaError, match="`v`"):
+        cb.from_arrow(pl.DataFrame({"v": [1.5]})).sink_postgres(pg_dsn, "e", schema=pg_schema).run(progress=False)
+
+
+def test_postgres_finished_job_is_a_no_op_unless_overwrite(pg_dsn, pg_schema, tmp_path):
+    path = tmp_path / "in.csv"
+    make_frame(100).write_csv(path)
+    for mode, after_overwrite in (("append", 200), ("replace", 100)):
+        table = f"f_{mode}"
+        pipeline = cb.scan_csv(path).sink_postgres(pg_dsn, table, schema=pg_schema, mode=mode)
+        first = pipeline.run(progress=False)
+        assert first.rows_written == 100 and not first.skipped
+        again = pipeline.run(progress=False)
+        assert again.skipped and again.rows_written == 0 and "already holds" in again.warnings[0]
+        assert pipeline.run(progress=False, resume=True).skipped
+        assert _count(pg_dsn, pg_schema, table) == 100
+        forced = pipeline.run(progress=False, overwrite=True)
+        assert forced.rows_written == 100 and not forced.skipped
+        assert _count(pg_dsn, pg_schema, table) == after_overwrite
+    # A changed job is not "finished": it runs.
+    changed = cb.scan_csv(path).filter(pl.col("id") > 50).sink_postgres(pg_dsn, "f_append", schema=pg_schema)
+    assert changed.run(progress=False).rows_written == 50 and _count(pg_dsn, pg_schema, "f_append") == 250
+
+
+def test_postgres_second_run_on_a_locked_table_fails_at_once(pg_dsn, pg_schema):
+    df = make_frame(600)
+    seen = {}
+
+    def batches():
+        yield df.slice(0, 200)
+        # The first run holds the table now: a second run against it must fail at once.
+        second = cb.from_arrow(df).sink_postgres(pg_dsn, "l", schema=pg_schema)
+        with pytest.raises(cb.CheckpointError, match="locked by another running job") as err:
+            second.run(progress=False)
+        seen["error"] = str(err.value)
+        # Another table is not locked.
+        assert cb.from_arrow(df).sink_postgres(pg_dsn, "other", schema=pg_schema).run(progress=False).rows_written == 600
+        yield df.slice(200, 400)
+
+    report = cb.from_batches(batches, name="locker").sink_postgres(pg_dsn, "l", schema=pg_schema).run(progress=False)
+    assert report.rows_written == 600 and "`" + pg_schema + ".l`" in seen["error"]
+    assert _count(pg_dsn, pg_schema, "l") == 600
+    # Released at the end of the run, and after a failed one.
+    assert cb.from_arrow(df).sink_postgres(pg_dsn, "l", schema=pg_schema).run(progress=False).rows_written == 600
+
+    def failing():
+        yield df.slice(0, 100)
+        raise RuntimeError("source died")
+
+    with pytest.raises(RuntimeError, match="source died"):
+        cb.from_batches(failing, name="dies").sink_postgres(pg_dsn, "l", schema=pg_schema).run(progress=False)
+    assert cb.from_arrow(df).sink_postgres(pg_dsn, "l", schema=pg_schema).run(progress=False).rows_written == 600

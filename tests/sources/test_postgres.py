@@ -20,7 +20,7 @@ def _collect(pipeline: cb.Pipeline, **run) -> tuple[cb.Report, pl.DataFrame]:
 
 
 def test_postgres_source_reads_back_sink_types(pg_dsn, pg_schema):
-    df = ALL_TYPES.select("i16", "i32", "i64", "f64", "b", "s", "bin", "d", "ts", "tstz", "tm")
+    df = ALL_TYPES.select("i16", "i32", "i64", "f64", "b", "s", "bin", "d", "ts", "tstz", "tm", "dec")
     cb.from_arrow(df).sink_postgres(pg_dsn, "types", schema=pg_schema).run(progress=False)
     report, got = _collect(cb.scan_postgres(pg_dsn, table="types", schema=pg_schema))
     assert_accounting(report)
@@ -72,3 +72,14 @@ def test_postgres_source_errors_name_the_problem(pg_dsn, pg_schema):
     pg_query(pg_dsn, sql.SQL("CREATE TABLE {} (id int)").format(sql.Identifier(pg_schema, "z")))
     with pytest.raises(cb.ConfigError, match="`nope`"):
         cb.scan_postgres(pg_dsn, table="z", schema=pg_schema, partition_on="nope", partitions=2)
+
+
+def test_postgres_source_numeric_nan_is_a_cast_reject_not_a_null(pg_dsn, pg_schema):
+    pg_query(pg_dsn, sql.SQL("CREATE TABLE {} (id int, v numeric(8,3))").format(sql.Identifier(pg_schema, "nan")))
+    pg_query(pg_dsn, sql.SQL("INSERT INTO {} VALUES (1, 1.5), (2, 'NaN'), (3, NULL), (4, -2.25)")
+             .format(sql.Identifier(pg_schema, "nan")))
+    report, got = _collect(cb.scan_postgres(pg_dsn, f'SELECT * FROM "{pg_schema}".nan ORDER BY id'),
+                           max_error_rate=None)
+    assert_accounting(report)
+    assert got.schema["v"] == pl.Decimal(8, 3) and got["id"].to_list() == [1, 3, 4]
+    assert report.rejects.select("_line", "_stage", "id").rows() == [(1, "cast", "2")]
