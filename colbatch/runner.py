@@ -447,12 +447,31 @@ def backoff_delay(base_s: float, attempt: int) -> float:
     return ceiling * (0.5 + random.random() / 2)
 
 
-def _progress(total_bytes: int | None, enabled: bool | None):
-    """A tqdm bar over input bytes, or None when disabled or not on a terminal/notebook."""
-    if enabled is False or (enabled is None and not sys.stderr.isatty()):
-        return None
-    from tqdm.auto import tqdm
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (its stderr is not a terminal, but a progress bar still renders)."""
+    ipython = sys.modules.get("IPython")
+    if ipython is None:
+        return False
+    try:
+        shell = ipython.get_ipython()
+    except AttributeError:
+        return False
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
 
+
+def _progress(total_bytes: int | None, enabled: bool | None):
+    """A tqdm bar over input bytes, or None when disabled or neither on a terminal nor in a notebook."""
+    notebook = in_notebook()
+    if enabled is False or (enabled is None and not (notebook or sys.stderr.isatty())):
+        return None
+    from tqdm.std import tqdm
+
+    if notebook:
+        try:  # a widget bar when ipywidgets is installed, else text on the cell's stderr
+            import ipywidgets  # noqa: F401
+            from tqdm.notebook import tqdm
+        except ImportError:
+            pass
     return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="colbatch", leave=True)
 
 
