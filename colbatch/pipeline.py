@@ -288,6 +288,9 @@ class Pipeline:
         rejects_sink = pipeline.rejects_sink.fresh() if pipeline.rejects_sink is not None else None
         collector = RejectCollector(rejects_sink, columns=list(pipeline.source.schema),
                                     keep=DEFAULT_KEEP_REJECTS)
+        if resume and not sink.supports_resume:
+            raise ConfigError(f"`resume` needs an output with a ledger (a file or directory, DuckDB or PostgreSQL); "
+                              f"{sink.describe()} keeps none, so run without resume to write it again")
         job = pipeline.job_identity() if sink.supports_resume else None
         steps = pipeline.steps
         if job is not None and any(isinstance(s, MapBatches) and not s.ordered for s in steps):
