@@ -1,18 +1,19 @@
 """DuckDB table sink: units committed with their ledger rows, the table swapped in once at the end.
 
-Rows go to a staging table (`colbatch."stage_<job>"`) in commit units of at
+Rows go to a staging table (`__colbatch_stage_<job>`, beside the target) in commit units of at
 most `part_rows` rows (a unit also ends with its split). Each unit is one
 transaction: its rows and its row in the ledger table `colbatch.units` commit
 together, so a process killed at any instant leaves whole units only (DuckDB
 does not replay an uncommitted transaction from its WAL), and a resumed run
 (`run(resume=True)`) continues after the last committed unit, redoing at most
 the one it was writing. The final commit moves the staged rows into the target
-table and marks the job finished in `colbatch.jobs`, in one transaction: until
+table (a rename, or an insert when appending to an existing table) and marks the
+job finished in `colbatch.jobs`, in one transaction: until
 then no reader of the target table sees any of the run's rows, and a run that
 fails leaves the target as it was.
 
-The ledger tables live in the schema `colbatch` of the same database, beside
-the user's tables; `colbatch query` and `cb.open_output` do not list them.
+The ledger tables live in the schema `colbatch` of the same database; `colbatch
+query` and `cb.open_output` list neither them nor staging tables.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ DUCKDB_SUFFIXES = (".duckdb", ".ddb")
 # Rows per commit unit: the most a resumed run redoes; as for file parts, ~1M rows is seconds of work,
 # and fewer, larger transactions keep DuckDB's commit cost out of the way.
 DEFAULT_PART_ROWS = 1_000_000
-# The schema of colbatch's own tables (ledger, staging) inside the user's database.
+# The schema of colbatch's ledger tables inside the user's database.
 LEDGER_SCHEMA = "colbatch"
+# Staging tables sit in the target's schema, so the final commit can rename one into place (no copy).
+STAGE_PREFIX = "__colbatch_stage_"
 # Registered name of the batch being inserted; quoted, so no table name can collide with SQL.
 _BATCH_VIEW = "__colbatch_batch"
 _S = quote_ident(LEDGER_SCHEMA)
@@ -128,7 +131,7 @@ class DuckDBSink(Sink):
                           output=f"{self.path} table {self.table}")
         lock.acquire()
         self._lock, self._job = lock, job
-        self._stage = f"{_S}.{quote_ident('stage_' + job.job_id)}"
+        self._stage = quote_ident(STAGE_PREFIX + job.job_id)
         try:
             try:
                 os.makedirs(head, exist_ok=True)
@@ -282,10 +285,11 @@ class DuckDBSink(Sink):
                                   f"mode=\"replace\"", table=self.table)
             if exists and self.mode == "append":
                 con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM {self._stage}")
+                con.execute(f"DROP TABLE {self._stage}")
             else:
-                verb = "CREATE OR REPLACE TABLE" if self.mode == "replace" else "CREATE TABLE"
-                con.execute(f"{verb} {table} AS SELECT * FROM {self._stage}")
-            con.execute(f"DROP TABLE {self._stage}")
+                if exists:
+                    con.execute(f"DROP TABLE {table}")
+                con.execute(f"ALTER TABLE {self._stage} RENAME TO {table}")
             con.execute(f"DELETE FROM {_S}.units WHERE job_id = ?", [self._job.job_id])
             con.execute(f"UPDATE {_S}.jobs SET finished = true WHERE job_id = ?", [self._job.job_id])
             faults.point("duckdb-before-commit")
