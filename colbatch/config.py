@@ -193,11 +193,12 @@ def _sink(pipeline: Pipeline, sink: Any) -> Pipeline:
 def _duckdb_sink(pipeline: Pipeline, path: str, sink: Mapping[str, Any]) -> Pipeline:
     if "table" not in sink:
         raise ConfigError(f"`[sink]` with DuckDB database `{path}` needs a `table`")
-    extra = [k for k in sink if k not in ("path", "format", "table", "mode")]
+    extra = [k for k in sink if k not in ("path", "format", "table", "mode", "part_rows")]
     if extra:
-        raise ConfigError(f"key `{extra[0]}` does not apply to a DuckDB sink; valid keys: path, table, mode",
-                          key=extra[0])
-    return pipeline.sink_duckdb(path, str(sink["table"]), mode=sink.get("mode", "append"))
+        raise ConfigError(f"key `{extra[0]}` does not apply to a DuckDB sink; valid keys: path, table, mode, "
+                          f"part_rows", key=extra[0])
+    opts = {"part_rows": sink["part_rows"]} if "part_rows" in sink else {}
+    return pipeline.sink_duckdb(path, str(sink["table"]), mode=sink.get("mode", "append"), **opts)
 
 
 def _run_options(run: Mapping[str, Any]) -> dict[str, Any]:

@@ -57,6 +57,8 @@ class Committed:
 
     splits: dict[str, SplitState] = field(default_factory=dict)
     finished: bool = False
+    # Records an interrupted run had sent its sink past the committed point: the work a resume redoes.
+    redone: int = 0
 
     @property
     def rows(self) -> int:
@@ -98,40 +100,96 @@ def digest(value: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+class OutputLock:
+    """The lock that keeps two runs off one output, and the holder's progress mark.
+
+    The lock is an `flock` on a hidden side file: the kernel drops it when the
+    process dies, so a killed run never leaves a stale lock. While it holds the
+    lock, a run notes in the same file how far its sink has got (`note`, one
+    small `pwrite` per batch, not fsynced: it only has to survive the process,
+    not the machine). The next run reads the note before taking over, so a
+    resumed run can say how many records it had to redo (`Committed.redone`).
+    """
+
+    def __init__(self, path: str, *, output: str) -> None:
+        self.path = path
+        self.output = output
+        self._fd: int | None = None
+        self._width = 0
+        self.previous: dict[str, Any] = {}
+
+    def acquire(self) -> None:
+        """Take the lock or fail at once naming the output; remember the previous holder's progress mark."""
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise CheckpointError(f"output `{self.output}` is locked by another running job; wait for it to "
+                                  f"finish (lock file `{self.path}`)", path=self.output) from None
+        self.previous = _parse_mark(os.pread(fd, 1 << 16, 0))
+        os.ftruncate(fd, 0)
+        self._fd, self._width = fd, 0
+        self._put({"pid": os.getpid()})
+
+    def note(self, split: str, end_row: int) -> None:
+        """Record that the sink has been sent the records of `split` before `end_row` (not yet committed)."""
+        if self._fd is not None:
+            self._put({"pid": os.getpid(), "split": split, "end_row": end_row})
+
+    def _put(self, mark: dict[str, Any]) -> None:
+        # One pwrite of the whole mark, padded over the previous one: a killed writer leaves
+        # the old mark or the new one, never a mix (JSON ignores the trailing blanks).
+        blob = json.dumps(mark, separators=(",", ":")).encode()
+        self._width = max(self._width, len(blob))
+        assert self._fd is not None
+        os.pwrite(self._fd, blob.ljust(self._width), 0)
+
+    def redone(self, committed: Committed) -> int:
+        """Records the previous holder had sent its sink beyond what is committed (work a resume redoes)."""
+        split, end = self.previous.get("split"), self.previous.get("end_row")
+        if not isinstance(split, str) or not isinstance(end, int):
+            return 0
+        skip = committed.skip_for(split)
+        return 0 if skip is None else max(0, end - skip)
+
+    def release(self) -> None:
+        """Drop the lock (the file stays; removing it would race with the next run)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _parse_mark(blob: bytes) -> dict[str, Any]:
+    try:
+        mark = json.loads(blob.decode() or "{}")
+    except ValueError:  # a lock file of an older version (a bare pid): no progress known
+        return {}
+    return mark if isinstance(mark, dict) else {}
+
+
 class FileLedger:
-    """The JSON ledger of a file output, plus the lock that keeps two runs off one output.
+    """The JSON ledger of a file output, plus the `OutputLock` that keeps two runs off one output.
 
     The ledger is rewritten atomically (temp file, fsync, rename) after every
     committed unit, so a reader of it sees the state before or after a unit,
-    never half of one. The lock is an `flock` on a side file: the kernel drops
-    it when the process dies, so a killed run never leaves a stale lock.
+    never half of one.
     """
 
     def __init__(self, path: str, lock_path: str, *, output: str) -> None:
         self.path = path
         self.lock_path = lock_path
         self.output = output
-        self._lock_fd: int | None = None
+        self.lock = OutputLock(lock_path, output=output)
 
     def acquire(self) -> None:
         """Take the output's lock or fail at once naming the output."""
-        os.makedirs(os.path.dirname(os.path.abspath(self.lock_path)), exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise CheckpointError(f"output `{self.output}` is locked by another running job; wait for it to "
-                                  f"finish (lock file `{self.lock_path}`)", path=self.output) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._lock_fd = fd
+        self.lock.acquire()
 
     def release(self) -> None:
-        """Drop the lock (the file stays; removing it would race with the next run)."""
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        """Drop the lock."""
+        self.lock.release()
 
     def load(self) -> dict[str, Any] | None:
         """The ledger's content, or None when there is none; a malformed ledger raises CheckpointError."""

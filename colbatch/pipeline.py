@@ -19,6 +19,7 @@ from colbatch.report import Report
 from colbatch.runner import RunOptions, Runner, check_accounting
 from colbatch.sinks.base import Sink
 from colbatch.sinks.callable import DEFAULT_BACKOFF_S, DEFAULT_RETRIES, CallableSink
+from colbatch.sinks.duckdb_table import DEFAULT_PART_ROWS as DEFAULT_DUCKDB_PART_ROWS
 from colbatch.sinks.duckdb_table import DuckDBSink
 from colbatch.sinks.files import DEFAULT_PART_ROWS, FileSink, FileSinkOptions, format_of
 from colbatch.sinks.partitioned import PartitionedParquetSink
@@ -198,8 +199,9 @@ class Pipeline:
         return self._sink(CallableSink(fn, retries=retries, backoff_s=backoff_s))
 
     def sink_duckdb(self, path: str | os.PathLike, table: str, *,
-                    mode: Literal["append", "create", "replace"] = "append") -> Pipeline:
-        """Insert into a DuckDB table in one transaction, visible only on commit.
+                    mode: Literal["append", "create", "replace"] = "append",
+                    part_rows: int = DEFAULT_DUCKDB_PART_ROWS) -> Pipeline:
+        """Insert into a DuckDB table, visible only on commit; a killed run resumes (units of `part_rows` rows).
 
         `mode`: `append` (create the table when missing), `create` (fail when it exists) or
         `replace` (swap its contents on commit). Any table name is safe: it is quoted.
@@ -207,7 +209,7 @@ class Pipeline:
         Example:
             >>> cb.scan_csv("data/sample/events.csv").sink_duckdb("out/events.duckdb", "events").run()
         """
-        return self._sink(DuckDBSink(path, table, mode=mode))
+        return self._sink(DuckDBSink(path, table, mode=mode, part_rows=part_rows))
 
     def sink_postgres(self, dsn: str, table: str, *, mode: Literal["append", "create", "replace", "upsert"] = "append",
                       key: str | Sequence[str] | None = None, schema: str | None = None, retries: int | None = None,
@@ -286,6 +288,9 @@ class Pipeline:
         rejects_sink = pipeline.rejects_sink.fresh() if pipeline.rejects_sink is not None else None
         collector = RejectCollector(rejects_sink, columns=list(pipeline.source.schema),
                                     keep=DEFAULT_KEEP_REJECTS)
+        if resume and not sink.supports_resume:
+            raise ConfigError(f"`resume` needs an output with a ledger (a file or directory, DuckDB or PostgreSQL); "
+                              f"{sink.describe()} keeps none, so run without resume to write it again")
         job = pipeline.job_identity() if sink.supports_resume else None
         steps = pipeline.steps
         if job is not None and any(isinstance(s, MapBatches) and not s.ordered for s in steps):

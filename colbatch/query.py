@@ -74,7 +74,8 @@ def _attach(con: duckdb.DuckDBPyConnection, path: str, name: str | None) -> list
     alias = f"colbatch_db_{len(con.execute('SELECT * FROM duckdb_databases()').fetchall())}"
     con.execute(f"ATTACH {quote_literal(path)} AS {quote_ident(alias)} (READ_ONLY)")
     tables = [r[0] for r in con.execute(
-        "SELECT table_name FROM duckdb_tables() WHERE database_name = ? ORDER BY table_name", [alias]).fetchall()]
+        "SELECT table_name FROM duckdb_tables() WHERE database_name = ? AND schema_name <> 'colbatch' "  # the ledger
+        "AND NOT starts_with(table_name, '__colbatch_stage_') ORDER BY table_name", [alias]).fetchall()]
     if name is not None:
         if len(tables) != 1:
             raise ConfigError(f"`{path}` holds {len(tables)} tables; name them in SQL as {alias}.<table> "

@@ -34,6 +34,9 @@ class Report:
     rows_rejected: int = 0
     # Source records whose output an earlier, interrupted run committed (skipped by resume).
     rows_resumed: int = 0
+    # Source records the interrupted run had sent its sink but not committed, which this run read again
+    # (measured by the file and DuckDB sinks; at most one commit unit).
+    rows_redone: int = 0
     # True when the output already held this job's complete result, so nothing ran.
     skipped: bool = False
     # Transient failures that were retried (each is also logged).
@@ -85,6 +88,7 @@ class Report:
             "rows_filtered": self.rows_filtered,
             "rows_rejected": self.rows_rejected,
             "rows_resumed": self.rows_resumed,
+            "rows_redone": self.rows_redone,
             "skipped": self.skipped,
             "retries": self.retries,
             "rows_aggregated": self.rows_aggregated,

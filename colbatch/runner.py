@@ -120,8 +120,8 @@ class Runner:
 
     # -- threads ----------------------------------------------------------------------------
 
-    def _on_reject(self, frame: pl.DataFrame) -> None:
-        self.rejects.add(frame)
+    def _on_reject(self, frame: pl.DataFrame, at: tuple[int, int] | None = None) -> None:
+        self.rejects.add(frame, at=at)
 
     def _read(self, out: ByteQueue) -> None:
         stage = self.read_stage
@@ -132,7 +132,11 @@ class Runner:
                 if skip is None:
                     continue
                 rows = self.sizer if adaptive else self.sizer()
-                it = self.source.read(split, batch_rows=rows, on_reject=self._on_reject, skip_rows=skip)
+
+                def on_reject(frame: pl.DataFrame, split=split) -> None:
+                    self.rejects.add(frame, at=(split.index, skip))  # the batch being read starts at `skip`
+
+                it = self.source.read(split, batch_rows=rows, on_reject=on_reject, skip_rows=skip)
                 failures = 0
                 while True:
                     t0 = time.perf_counter()
@@ -145,7 +149,7 @@ class Runner:
                             raise
                         # Re-open the split after the records already delivered: none twice, none lost.
                         self._retry_wait(split, exc, failures)
-                        it = self.source.read(split, batch_rows=rows, on_reject=self._on_reject, skip_rows=skip)
+                        it = self.source.read(split, batch_rows=rows, on_reject=on_reject, skip_rows=skip)
                         continue
                     stage.busy_s += time.perf_counter() - t0
                     if batch is None:
@@ -278,7 +282,7 @@ class Runner:
             stage.rows_filtered += filtered
             stage.rows_rejected += rejected
         for frame in rejects:
-            self.rejects.add(frame)
+            self.rejects.add(frame, at=(batch.split.index, batch.first_row))
         return df
 
     def _check_thresholds(self, *, final: bool = False) -> None:
@@ -318,6 +322,7 @@ class Runner:
                                    "nothing was run (run with overwrite to run it again)")
             log.warning("%s", report.warnings[-1])
             report.stages = [self.read_stage, *self.step_stages, self.write_stage]
+            self.rejects.drop_parts()  # merged into the rejects file before the job was marked finished
             return
         o = self.options
         # Under a memory limit the two queues together hold at most a quarter of it.
@@ -339,7 +344,9 @@ class Runner:
         try:
             if self.job is not None:
                 self.committed = self.sink.begin(self.job, resume=self.resume)
-                report.rows_resumed = self.committed.rows
+                report.rows_resumed, report.rows_redone = self.committed.rows, self.committed.redone
+                if self.sink.durable_rejects:
+                    self.sink.reject_units = self.rejects.durable()
             self.rejects.open()
             schema = self.source.schema
             for step in self.steps:

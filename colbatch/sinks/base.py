@@ -6,11 +6,15 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import polars as pl
 
 from colbatch.batch import Batch, Split
 from colbatch.ledger import Committed, JobIdentity
+
+if TYPE_CHECKING:
+    from colbatch.rejects import RejectParts
 
 TMP_SUFFIX = ".colbatch-tmp"
 
@@ -54,6 +58,12 @@ class Sink(ABC):
     supports_resume: bool = False
     # Set by the runner before `open`: where a sink sends rows it refuses (stage `load`), shaped by `reject_frame`.
     on_reject: Callable[[pl.DataFrame], None] | None = None
+    # True when the sink drives `reject_units`, making rejects durable with its commit units.
+    durable_rejects: bool = False
+    # Set by the runner before `open` when rejects are durable (see `colbatch.rejects.RejectParts`):
+    # `start` on open, `cut` just before each unit commits (the part's name goes into the unit's
+    # ledger entry), `publish` before the ledger says finished, `cleanup` after.
+    reject_units: RejectParts | None = None
 
     def begin(self, job: JobIdentity, *, resume: bool) -> Committed:
         """Before `open`: with `resume`, return the committed work of `job` (raise CheckpointError on mismatch)."""

@@ -74,6 +74,7 @@ class FileSink(Sink):
     """Writes batches to a Parquet/CSV/JSONL file or a directory of part files, atomically."""
 
     supports_resume = True
+    durable_rejects = True
 
     def __init__(self, path: str | os.PathLike, *, format: Format, options: FileSinkOptions | None = None,
                  part_rows: int = DEFAULT_PART_ROWS) -> None:
@@ -138,7 +139,10 @@ class FileSink(Sink):
             self._units = list(data["units"])
             self._done = Committed.from_json(data)
             self._done.finished = False
-        return copy.deepcopy(self._done)
+        committed = copy.deepcopy(self._done)
+        if resume:
+            committed.redone = ledger.lock.redone(committed)
+        return committed
 
     def _save_ledger(self, *, finished: bool = False) -> None:
         assert self._ledger is not None and self._job is not None
@@ -191,6 +195,8 @@ class FileSink(Sink):
             if not self._units:
                 self._save_ledger()  # a fresh run: the old ledger no longer describes the output
             self._remove_leftovers()
+        if self.reject_units is not None:
+            self.reject_units.start(keep=[u["rejects"] for u in self._units if u.get("rejects")])
         if self.single:
             self._start(Batch(pl.DataFrame(schema=self._schema), Split(0, "")))
 
@@ -220,7 +226,8 @@ class FileSink(Sink):
         assert self._schema is not None
         self._writer = PolarsStreamWriter(tmp, self._schema, self.format, self._writer_options())
         self._unit = {"file": os.path.basename(final), "split": batch.split.id, "first_row": batch.first_row,
-                      "end_row": batch.first_row, "rows": 0, "tmp": tmp, "final": final}
+                      "end_row": batch.first_row, "rows": 0, "tmp": tmp, "final": final,
+                      "split_index": batch.split.index}
 
     def _finish_unit(self, *, complete: bool = False) -> None:
         """Close the current file; in directory mode with a ledger, publish it and record it."""
@@ -234,6 +241,9 @@ class FileSink(Sink):
         except BaseException:
             remove_quietly(unit["tmp"])
             raise
+        if self.reject_units is not None:
+            # The unit's rejects are published first; the ledger entry that commits the unit names them.
+            unit["rejects"] = self.reject_units.cut(None if self.single else unit["split_index"], unit["end_row"])
         if self.single or self._ledger is None:
             self._pending.append((unit["tmp"], unit["final"]))
             self._record(unit, complete)
@@ -246,7 +256,10 @@ class FileSink(Sink):
         faults.point("after-ledger")
 
     def _record(self, unit: dict[str, Any], complete: bool) -> None:
-        self._units.append({k: unit[k] for k in ("file", "split", "first_row", "end_row", "rows")})
+        entry = {k: unit[k] for k in ("file", "split", "first_row", "end_row", "rows")}
+        if unit.get("rejects"):
+            entry["rejects"] = unit["rejects"]
+        self._units.append(entry)
         if not self.single:
             state = self._done.splits.setdefault(unit["split"], SplitState())
             state.rows = unit["end_row"]
@@ -285,6 +298,8 @@ class FileSink(Sink):
             self._writer.write(df)
             self._rows += df.height
             unit["rows"] += df.height
+        if self._ledger is not None:
+            self._ledger.lock.note(batch.split.id, batch.first_row + batch.rows_read)
 
     def commit(self) -> SinkResult:
         """Finish files, publish what is pending by fsync + rename, mark the ledger finished.
@@ -301,10 +316,15 @@ class FileSink(Sink):
         # The manifest (what readers follow) before the ledger says finished: a kill between
         # the two leaves an unfinished ledger, so the next run redoes the commit.
         write_manifest(self.path, format=self.format, files=finals, rows=sum(u["rows"] for u in self._units))
+        if self.reject_units is not None:
+            # Before the ledger says finished: a kill in between redoes this merge, from the same parts.
+            self.reject_units.publish([u["rejects"] for u in self._units if u.get("rejects")])
         if self._ledger is not None:
             faults.point("before-ledger")
             self._save_ledger(finished=True)
             self._release()
+        if self.reject_units is not None:
+            self.reject_units.cleanup()
         if not self.single:
             self._remove_stale(set(finals))
         size = sum(os.path.getsize(f) for f in finals if os.path.exists(f))

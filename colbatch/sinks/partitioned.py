@@ -1,4 +1,9 @@
-"""Hive-partitioned Parquet output (`key=value/part-00000.parquet`), traversal-safe and atomic."""
+"""Hive-partitioned Parquet output (`key=value/part-00000.parquet`), traversal-safe and atomic.
+
+No resume: parts are published together on commit and no ledger is kept, so
+`run(resume=True)` / `--resume` is refused with a ConfigError (a killed run
+leaves only hidden temp files, which the next run replaces).
+"""
 
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ class _Item:
 class UdfStage:
     """Runs one `MapBatches` step over a stream of batches; see the module docstring."""
 
-    def __init__(self, step: MapBatches, metrics: StageMetrics, on_reject: Callable[[pl.DataFrame], None],
+    def __init__(self, step: MapBatches, metrics: StageMetrics, on_reject: Callable[..., None],
                  stop: threading.Event) -> None:
         self.step = step
         self.metrics = metrics
@@ -241,7 +241,7 @@ class UdfStage:
         b = item.batch
         reason = f"udf `{self.step.function}` failed: {failure.error_type}: {failure.message}"
         self._on_reject(reject_frame(source=b.split.path or b.split.id, lines=b.lines_of(positions), stage="udf",
-                                     reasons=reason, values=df))
+                                     reasons=reason, values=df), (b.split.index, b.first_row))
 
 
 def _failed(exc: BaseException) -> Future:

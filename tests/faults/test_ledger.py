@@ -154,3 +154,14 @@ def test_disk_full_fails_clearly_publishes_nothing_partial_and_resume_completes(
     report = _pipeline(src, out, compression="uncompressed").run(resume=True)
     assert report.succeeded and no_temp_files(small_fs) == []
     _same_rows(f"read_parquet('{out}/*.parquet')", f"read_parquet('{reference}/*.parquet')")
+
+
+@pytest.mark.parametrize("kind", ["partitioned", "foreach_batch"])
+def test_resume_is_refused_for_outputs_without_a_ledger(tmp_path, kind):
+    src, out = _inputs(tmp_path), tmp_path / "out"
+    scan = cb.scan_csv(f"{src}/*.csv", schema={"id": "int64", "amount": "float64", "type": "str"})
+    job = scan.sink_parquet(out, partition_by="type") if kind == "partitioned" else scan.foreach_batch(len)
+    with pytest.raises(cb.ConfigError, match="`resume` needs an output with a ledger"):
+        job.run(resume=True, progress=False)
+    assert not out.exists()
+    assert job.run(progress=False).rows_written == JOB_ROWS

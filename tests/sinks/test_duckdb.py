@@ -1,4 +1,4 @@
-"""DuckDB table sink: modes, hostile identifiers, one transaction per run, crash safety, job files."""
+"""DuckDB table sink: modes, hostile identifiers, the table changed once per run, crash safety, job files."""
 
 from __future__ import annotations
 
@@ -36,7 +36,10 @@ def test_duckdb_sink_hostile_table_names_round_trip(tmp_path, table):
     assert_accounting(report)
     assert _table(db, table).sort("id").equals(df)
     with duckdb.connect(str(db), read_only=True) as con:
-        assert [r[0] for r in con.sql("SELECT table_name FROM information_schema.tables").fetchall()] == [table]
+        tables = con.sql("SELECT table_schema, table_name FROM information_schema.tables ORDER BY ALL").fetchall()
+    # the user's schema holds only the table; the ledger (and nothing staged after success) is in `colbatch`
+    assert [t for s, t in tables if s == "main"] == [table]
+    assert sorted(t for s, t in tables if s == "colbatch") == ["jobs", "units"]
 
 
 def test_duckdb_sink_hostile_column_names_round_trip(tmp_path):
@@ -153,3 +156,13 @@ def test_duckdb_sink_job_file_without_table_is_config_error(tmp_path):
     (tmp_path / "in.csv").write_text("id\n1\n")
     with pytest.raises(cb.ConfigError, match="table"):
         build_job({"source": {"path": "in.csv"}, "sink": {"path": "out.duckdb"}})
+
+
+def test_duckdb_sink_part_rows_from_job_file_sets_the_commit_unit(tmp_path):
+    (tmp_path / "in.csv").write_text("id\n" + "".join(f"{i}\n" for i in range(50)))
+    job = {"source": {"path": str(tmp_path / "in.csv")}, "run": {"batch_size": 10},
+           "sink": {"path": str(tmp_path / "out.duckdb"), "table": "t", "part_rows": 20}}
+    assert build_job(job).sink.part_rows == 20
+    assert build_job(job).run(progress=False).rows_written == 50
+    with pytest.raises(cb.ConfigError, match="part_rows"):
+        build_job({**job, "sink": {**job["sink"], "part_rows": 0}})
