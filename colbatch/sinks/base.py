@@ -54,6 +54,9 @@ class Sink(ABC):
     supports_resume: bool = False
     # Set by the runner before `open`: where a sink sends rows it refuses (stage `load`), shaped by `reject_frame`.
     on_reject: Callable[[pl.DataFrame], None] | None = None
+    # True when the sink needs each row's position in its batch (the runner keeps the row column up to
+    # the sink) so rows it refuses can be mapped to their source lines with `Batch.lines_of`.
+    needs_rows: bool = False
 
     def begin(self, job: JobIdentity, *, resume: bool) -> Committed:
         """Before `open`: with `resume`, return the committed work of `job` (raise CheckpointError on mismatch)."""
