@@ -64,6 +64,9 @@ class Sink(ABC):
     # `start` on open, `cut` just before each unit commits (the part's name goes into the unit's
     # ledger entry), `publish` before the ledger says finished, `cleanup` after.
     reject_units: RejectParts | None = None
+    # True when the sink needs each row's position in its batch (the runner keeps the row column up to
+    # the sink) so rows it refuses can be mapped to their source lines with `Batch.lines_of`.
+    needs_rows: bool = False
 
     def begin(self, job: JobIdentity, *, resume: bool) -> Committed:
         """Before `open`: with `resume`, return the committed work of `job` (raise CheckpointError on mismatch)."""
