@@ -84,6 +84,7 @@ def process_main(conn: Connection) -> None:
     # Ctrl-C is the driver's to handle; a worker interrupted mid-batch would look like a crash.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     fn = instantiate(cloudpickle.loads(conn.recv_bytes()))
+    conn.send(("ready",))  # a task's timeout runs from here: start-up is not the user's function
     segments: dict[str, Any] = {}
 
     def segment(name: str):
