@@ -327,7 +327,7 @@ def test_bad_udf_step_is_a_config_error_naming_it(step, needle, tmp_path):
 def test_dask_local_cluster_output_is_identical_to_a_local_run(tmp_path):
     distributed = pytest.importorskip("dask.distributed")
     _, local = run(pipeline().map_batches(add_label), tmp_path / "local.parquet")
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
         with distributed.Client(cluster) as client:
             report, remote = run(pipeline().map_batches(add_label, executor=client), tmp_path / "dask.parquet")
             workers = client.run(os.getpid)
