@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import polars as pl
 
@@ -72,6 +72,9 @@ class RunOptions:
     temp_directory: str | None = DEFAULT_TEMP_DIRECTORY
     # Where `batch_size="auto"` starts: the size `colbatch tune --write` recommended for this job, if any.
     tuned_rows: int | None = None
+    # A `dask.distributed.Client` or a scheduler address ("tcp://HOST:PORT"): one task per split on
+    # the cluster (see `colbatch.distributed`); None runs in this process.
+    executor: Any = None
 
     def batch_rows(self) -> int:
         """Rows per batch the reader starts with."""
