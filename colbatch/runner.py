@@ -214,7 +214,8 @@ class Runner:
             if cut > start:
                 stream = self._vectorised(stream, start, cut)
             if cut < len(self.steps):
-                stage = UdfStage(self.steps[cut], self.step_stages[cut], self._on_reject, self._stop)
+                stage = UdfStage(self.steps[cut], self.step_stages[cut], self._on_reject, self._stop,
+                                 keep_rows=any(s.needs_rows for s in self.steps[cut + 1:]))
                 udf_stages.append(stage)
                 stream = stage.run(stream)
             start = cut + 1

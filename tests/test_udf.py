@@ -273,6 +273,15 @@ def test_untyped_output_column_asks_for_a_schema(tmp_path):
 # -- accounting ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("executor", ["inline", "threads", "processes"])
+def test_rejects_of_a_step_after_the_udf_name_their_source_rows(executor, tmp_path):
+    p = (pipeline().filter(pl.col("id") % 2 == 0).map_batches(add_label, executor=executor, workers=2)
+         .validate(pl.col("id") % 10 != 0, name="no_tens"))
+    report, out = run(p, tmp_path / "o.parquet")
+    assert sorted(report.rejects["_line"].to_list()) == [i - 1 for i in range(10, 1001, 10)]  # row index = id - 1
+    assert out.columns == [*make_frame().columns, "label"] and out.height == 400
+
+
 def test_udf_that_drops_rows_counts_them_as_filtered(tmp_path):
     report, out = run(pipeline().map_batches(keep_positive, workers=2), tmp_path / "o.parquet")
     positive = make_frame().filter(pl.col("amount") > 0)
