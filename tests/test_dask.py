@@ -245,6 +245,29 @@ def test_single_file_output_falls_back_to_shipping_batches_with_a_note(tmp_path,
     assert _pids(scratch, "label") - {os.getpid()} == set(client.run(os.getpid).values())
 
 
+def test_postgres_table_source_runs_as_split_tasks(pg_dsn, pg_schema, tmp_path, client):
+    from tests.pg import pg_query
+
+    pg_query(pg_dsn, f'CREATE TABLE "{pg_schema}".events (id bigint, amount double precision, type text)')
+    pg_query(pg_dsn, f'INSERT INTO "{pg_schema}".events SELECT i, (i % 37) - 5, (ARRAY[\'click\', \'view\'])[1 + i % 2] '
+                     f"FROM generate_series(1, 3000) i")
+
+    def p(out):
+        return (cb.scan_postgres(pg_dsn, table="events", schema=pg_schema, partition_on="id", partitions=3)
+                .map_batches(label, isolate_rows=True,
+                             schema={"id": "int64", "amount": "float64", "type": "str", "tag": "str"})
+                .sink_parquet(out).with_options(max_error_rate=None))
+
+    local = p(tmp_path / "local").run(progress=False)
+    remote = p(tmp_path / "dask").run(progress=False, executor=client)
+    assert not remote.warnings  # no fallback: the workers read the table themselves
+    assert [f.name for f in data_files(tmp_path / "dask")] == [f.name for f in data_files(tmp_path / "local")]
+    assert len(data_files(tmp_path / "dask")) == 3
+    assert except_all_both_ways(data_files(tmp_path / "local"), data_files(tmp_path / "dask")) == (0, 0)
+    assert remote.rows_rejected == local.rows_rejected > 0
+    assert_accounting(remote)
+
+
 # -- addresses and client lifetime ------------------------------------------------------------------
 
 
