@@ -343,3 +343,26 @@ def test_dask_local_cluster_output_is_identical_to_a_local_run(tmp_path):
     assert remote.equals(local)
     assert len(workers) == 2 and os.getpid() not in workers.values()
     assert_accounting(report)
+
+
+# -- transport ----------------------------------------------------------------------------------
+
+
+def test_transport_round_trips_strings_and_does_not_ship_a_slices_whole_buffer():
+    from colbatch.udf.transport import Segment, ipc_size, read_ipc, to_arrow, write_ipc
+
+    big = pl.DataFrame({"s": [f"a string longer than twelve bytes {i}" for i in range(200_000)],
+                        "n": pl.int_range(200_000, eager=True)}).rechunk()
+    part = big.slice(100_000, 1_000)
+    table = to_arrow(part)
+    assert ipc_size(table) < 20 * part.estimated_size()  # not the 200,000-row buffer behind the views
+    seg = Segment(ipc_size(table))
+    try:
+        n = write_ipc(table, seg.shm.buf)
+        assert seg.read(n).equals(part)
+        whole = to_arrow(big.head(5_000))
+        m = write_ipc(whole, seg.shm.buf)
+        assert read_ipc(seg.shm.buf, m, copy=True).equals(big.head(5_000))
+    finally:
+        seg.release()
+

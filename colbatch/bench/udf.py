@@ -133,7 +133,7 @@ def _timed(fn: Callable[[], tuple[int, int, dict]]) -> tuple[float, int, int, di
 
 def transport_share() -> dict[str, float]:
     """Seconds to move one 64k-row batch through a segment and back vs the UDF's own time on it."""
-    from colbatch.udf.transport import Segment, ipc_size, read_ipc, write_ipc
+    from colbatch.udf.transport import Segment, ipc_size, read_ipc, to_arrow, write_ipc
 
     df = make_batch(0, BATCH_ROWS)
     inp, out = Segment(df.estimated_size() * 2), Segment(df.estimated_size() * 3)
@@ -141,13 +141,13 @@ def transport_share() -> dict[str, float]:
         moves, fns = [], []
         for _ in range(5):
             t0 = time.perf_counter()
-            table = df.to_arrow()
+            table = to_arrow(df)
             n = write_ipc(table, inp.shm.buf)  # driver → segment
             got = read_ipc(inp.shm.buf, n, copy=False)  # worker reads zero-copy
             t1 = time.perf_counter()
             res = cpu_udf(got)
             t2 = time.perf_counter()
-            rt = res.to_arrow()
+            rt = to_arrow(res)
             ipc_size(rt)
             m = write_ipc(rt, out.shm.buf)  # worker → segment
             out.read(m)  # driver copies out

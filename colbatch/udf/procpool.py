@@ -25,7 +25,7 @@ from multiprocessing.connection import Connection, wait
 
 import polars as pl
 
-from colbatch.udf.transport import Segment, ipc_size, write_ipc
+from colbatch.udf.transport import Segment, ipc_size, to_arrow, write_ipc
 from colbatch.udf.worker import Failure
 
 # Seconds a worker gets to exit after being asked before it is killed at shutdown.
@@ -180,7 +180,7 @@ class ProcessPool:
         if slot.process is None or slot.process.poll() is not None:
             self._start_worker(slot)
         t0 = time.perf_counter()
-        table = task.df.to_arrow()
+        table = to_arrow(task.df)
         need = ipc_size(table)
         if slot.inp is None or need > slot.inp.capacity:
             if slot.inp is not None:
