@@ -232,7 +232,7 @@ class Pipeline:
 
     def with_options(self, **options: Any) -> Pipeline:
         """Set run options (`batch_size`, `max_error_rate`, `max_errors`, `memory_limit`, `progress`, `threads`,
-        `temp_directory`)."""
+        `temp_directory`, `executor`: a `dask.distributed.Client` or `"tcp://HOST:PORT"` runs one task per split)."""
         try:
             return replace(self, options=replace(self.options, **options))
         except TypeError as exc:
