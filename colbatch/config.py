@@ -15,7 +15,6 @@ from colbatch.pipeline import Pipeline
 from colbatch.sinks.duckdb_table import DUCKDB_SUFFIXES
 from colbatch.sinks.files import format_of
 from colbatch.sources.files import strip_compression
-from colbatch.udf.backends import dask_client
 from colbatch.udf.step import resolve_function
 
 SOURCE_FORMATS = ("csv", "jsonl", "ndjson", "parquet", "ipc")
@@ -153,10 +152,7 @@ def _udf_step(pipeline: Pipeline, step: Mapping[str, Any], i: int) -> Pipeline:
     if fn is None:
         raise ConfigError(f"steps[{i}].udf must be a string \"package.module:function\", got {step['udf']!r}")
     options = {k: step[k] for k in UDF_KEYS[1:] if k in step}
-    executor = options.get("executor")
-    if isinstance(executor, str) and executor.startswith("tcp://"):
-        options["executor"] = dask_client(executor)
-    return pipeline.map_batches(fn, **options)
+    return pipeline.map_batches(fn, **options)  # a "tcp://" executor connects when the step starts
 
 
 def _sink(pipeline: Pipeline, sink: Any) -> Pipeline:
@@ -203,8 +199,14 @@ def _duckdb_sink(pipeline: Pipeline, path: str, sink: Mapping[str, Any]) -> Pipe
 
 def _run_options(run: Mapping[str, Any]) -> dict[str, Any]:
     _check_keys(run, ("batch_size", "max_error_rate", "max_errors", "memory_limit", "progress", "threads",
-                      "temp_directory"), "[run]")
+                      "temp_directory", "executor"), "[run]")
     out: dict[str, Any] = {}
+    if "executor" in run:
+        address = run["executor"]
+        if not (isinstance(address, str) and address.startswith(("tcp://", "tls://"))):
+            raise ConfigError(f"`run.executor` must be a Dask scheduler address like \"tcp://HOST:8786\", "
+                              f"got {address!r}", value=address)
+        out["executor"] = address
     if "batch_size" in run:
         bs = run["batch_size"]
         if bs != "auto" and not (isinstance(bs, int) and bs > 0):

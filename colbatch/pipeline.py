@@ -234,7 +234,7 @@ class Pipeline:
 
     def with_options(self, **options: Any) -> Pipeline:
         """Set run options (`batch_size`, `max_error_rate`, `max_errors`, `memory_limit`, `progress`, `threads`,
-        `temp_directory`)."""
+        `temp_directory`, `executor`: a `dask.distributed.Client` or `"tcp://HOST:PORT"` runs one task per split)."""
         try:
             return replace(self, options=replace(self.options, **options))
         except TypeError as exc:
@@ -299,7 +299,10 @@ class Pipeline:
             steps = tuple(replace(s, ordered=True) if isinstance(s, MapBatches) else s for s in steps)
         # In-memory data can change under the same description, so "already done" is only
         # trusted for stable sources (files, tables); resume works for any re-readable source.
-        runner = Runner(pipeline.source, steps, sink, collector, pipeline.options,
+        runner: Any = Runner
+        if pipeline.options.executor is not None:
+            from colbatch.distributed import make_runner as runner  # whole split tasks on a Dask cluster
+        runner = runner(pipeline.source, steps, sink, collector, pipeline.options,
                         job=job, resume=resume, overwrite=overwrite or not pipeline.source.stable)
         try:
             try:

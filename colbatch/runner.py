@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import polars as pl
 
@@ -72,6 +72,9 @@ class RunOptions:
     temp_directory: str | None = DEFAULT_TEMP_DIRECTORY
     # Where `batch_size="auto"` starts: the size `colbatch tune --write` recommended for this job, if any.
     tuned_rows: int | None = None
+    # A `dask.distributed.Client` or a scheduler address ("tcp://HOST:PORT"): one task per split on
+    # the cluster (see `colbatch.distributed`); None runs in this process.
+    executor: Any = None
 
     def batch_rows(self) -> int:
         """Rows per batch the reader starts with."""
@@ -217,7 +220,8 @@ class Runner:
             if cut > start:
                 stream = self._vectorised(stream, start, cut)
             if cut < len(self.steps):
-                stage = UdfStage(self.steps[cut], self.step_stages[cut], self._on_reject, self._stop)
+                stage = UdfStage(self.steps[cut], self.step_stages[cut], self._on_reject, self._stop,
+                                 keep_rows=self._sink_rows or any(s.needs_rows for s in self.steps[cut + 1:]))
                 udf_stages.append(stage)
                 stream = stage.run(stream)
             start = cut + 1

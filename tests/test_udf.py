@@ -273,6 +273,15 @@ def test_untyped_output_column_asks_for_a_schema(tmp_path):
 # -- accounting ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("executor", ["inline", "threads", "processes"])
+def test_rejects_of_a_step_after_the_udf_name_their_source_rows(executor, tmp_path):
+    p = (pipeline().filter(pl.col("id") % 2 == 0).map_batches(add_label, executor=executor, workers=2)
+         .validate(pl.col("id") % 10 != 0, name="no_tens"))
+    report, out = run(p, tmp_path / "o.parquet")
+    assert sorted(report.rejects["_line"].to_list()) == [i - 1 for i in range(10, 1001, 10)]  # row index = id - 1
+    assert out.columns == [*make_frame().columns, "label"] and out.height == 400
+
+
 def test_udf_that_drops_rows_counts_them_as_filtered(tmp_path):
     report, out = run(pipeline().map_batches(keep_positive, workers=2), tmp_path / "o.parquet")
     positive = make_frame().filter(pl.col("amount") > 0)
@@ -327,10 +336,33 @@ def test_bad_udf_step_is_a_config_error_naming_it(step, needle, tmp_path):
 def test_dask_local_cluster_output_is_identical_to_a_local_run(tmp_path):
     distributed = pytest.importorskip("dask.distributed")
     _, local = run(pipeline().map_batches(add_label), tmp_path / "local.parquet")
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
         with distributed.Client(cluster) as client:
             report, remote = run(pipeline().map_batches(add_label, executor=client), tmp_path / "dask.parquet")
             workers = client.run(os.getpid)
     assert remote.equals(local)
     assert len(workers) == 2 and os.getpid() not in workers.values()
     assert_accounting(report)
+
+
+# -- transport ----------------------------------------------------------------------------------
+
+
+def test_transport_round_trips_strings_and_does_not_ship_a_slices_whole_buffer():
+    from colbatch.udf.transport import Segment, ipc_size, read_ipc, to_arrow, write_ipc
+
+    big = pl.DataFrame({"s": [f"a string longer than twelve bytes {i}" for i in range(200_000)],
+                        "n": pl.int_range(200_000, eager=True)}).rechunk()
+    part = big.slice(100_000, 1_000)
+    table = to_arrow(part)
+    assert ipc_size(table) < 20 * part.estimated_size()  # not the 200,000-row buffer behind the views
+    seg = Segment(ipc_size(table))
+    try:
+        n = write_ipc(table, seg.shm.buf)
+        assert seg.read(n).equals(part)
+        whole = to_arrow(big.head(5_000))
+        m = write_ipc(whole, seg.shm.buf)
+        assert read_ipc(seg.shm.buf, m, copy=True).equals(big.head(5_000))
+    finally:
+        seg.release()
+

@@ -16,6 +16,7 @@ import cloudpickle
 import polars as pl
 
 from colbatch.errors import ConfigError, MissingDependencyError
+from colbatch.udf.step import DASK_SCHEMES
 from colbatch.udf.procpool import PoolStats, ProcessPool, WorkerLost
 from colbatch.udf.transport import from_ipc_bytes, to_ipc_bytes
 from colbatch.udf.worker import Failure, call, instantiate, run_ipc_task
@@ -94,10 +95,12 @@ class ExecutorBackend(Backend):
     loaded once per worker process (see `worker.load`).
     """
 
-    def __init__(self, fn: Any, executor: Executor) -> None:
+    def __init__(self, fn: Any, executor: Executor, *, owned_client: Any = None) -> None:
         self._executor = executor
         self._blob = cloudpickle.dumps(fn)
         self._token = hashlib.sha1(self._blob).hexdigest()
+        # A Dask Client this backend connected itself (from an address) and so must close; never the user's.
+        self._client = owned_client
 
     def submit(self, df: pl.DataFrame) -> Future:
         out: Future = Future()
@@ -108,6 +111,11 @@ class ExecutorBackend(Backend):
             return out
         inner.add_done_callback(lambda f: _relay(f, out))
         return out
+
+    def shutdown(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
 
 def _relay(inner: Future, out: Future) -> None:
@@ -136,6 +144,9 @@ def make_backend(fn: Any, executor: Any, *, workers: int, concurrency: int, time
         return ExecutorBackend(fn, executor)
     if _is_dask_client(executor):
         return ExecutorBackend(fn, executor.get_executor(pure=False))
+    if isinstance(executor, str) and executor.startswith(DASK_SCHEMES):
+        client = dask_client(executor)
+        return ExecutorBackend(fn, client.get_executor(pure=False), owned_client=client)
     raise ConfigError(f"`executor` must be one of {', '.join(EXECUTORS)}, a concurrent.futures.Executor or a "
                       f"dask.distributed.Client, got {executor!r}", value=repr(executor))
 

@@ -25,11 +25,14 @@ from multiprocessing.connection import Connection, wait
 
 import polars as pl
 
-from colbatch.udf.transport import Segment, ipc_size, write_ipc
+from colbatch.udf.transport import Segment, ipc_size, to_arrow, write_ipc
 from colbatch.udf.worker import Failure
 
 # Seconds a worker gets to exit after being asked before it is killed at shutdown.
 DEFAULT_EXIT_GRACE_S = 2.0
+# Extra seconds a new worker gets to start (interpreter, imports, a class UDF's __init__) before its
+# first task's timeout runs: on a loaded machine start-up alone can take longer than a short timeout.
+DEFAULT_START_GRACE_S = 60.0
 
 
 class WorkerLost(Exception):
@@ -68,6 +71,7 @@ class _Slot:
     out: Segment | None = None
     task: _Task | None = None
     pending_grow: bool = field(default=False)
+    ready: bool = False  # the worker said it loaded the function
 
 
 class ProcessPool:
@@ -147,10 +151,14 @@ class ProcessPool:
     def _next_deadline(self) -> float | None:
         if self._timeout is None:
             return None
-        starts = [s.task.started for s in self._slots if s.task is not None]
-        if not starts:
+        deadlines = [self._deadline(s) for s in self._slots if s.task is not None]
+        if not deadlines:
             return None
-        return max(0.0, min(starts) + self._timeout - time.perf_counter())
+        return max(0.0, min(deadlines) - time.perf_counter())
+
+    def _deadline(self, slot: _Slot) -> float:
+        assert slot.task is not None and self._timeout is not None
+        return slot.task.started + self._timeout + (0.0 if slot.ready else DEFAULT_START_GRACE_S)
 
     def _assign(self) -> None:
         for slot in self._slots:
@@ -172,7 +180,7 @@ class ProcessPool:
         if slot.process is None or slot.process.poll() is not None:
             self._start_worker(slot)
         t0 = time.perf_counter()
-        table = task.df.to_arrow()
+        table = to_arrow(task.df)
         need = ipc_size(table)
         if slot.inp is None or need > slot.inp.capacity:
             if slot.inp is not None:
@@ -199,7 +207,7 @@ class ProcessPool:
                                     pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL)
         finally:
             theirs.close()
-        slot.process, slot.conn = proc, Connection(ours.detach())
+        slot.process, slot.conn, slot.ready = proc, Connection(ours.detach()), False
         slot.conn.send_bytes(self._blob)
         self.stats.workers_started += 1
 
@@ -222,7 +230,7 @@ class ProcessPool:
             slot.task = None
             task.future.set_exception(WorkerLost(f"worker process died (exit code {code}) while running the batch"))
             return
-        if self._timeout is not None and time.perf_counter() - task.started > self._timeout:
+        if self._timeout is not None and time.perf_counter() > self._deadline(slot):
             self.stats.workers_lost += 1
             self._drop_worker(slot)
             slot.task = None
@@ -230,6 +238,11 @@ class ProcessPool:
 
     def _answer(self, slot: _Slot, task: _Task, msg: tuple) -> None:
         kind = msg[0]
+        if kind == "ready":
+            # The worker finished starting (imports, unpickling, a class's __init__): the task's clock starts now.
+            slot.ready = True
+            task.started = time.perf_counter()
+            return
         if kind == "grow":
             slot.out.release()
             slot.out = Segment(msg[2])

@@ -50,8 +50,11 @@ class UdfStage:
     """Runs one `MapBatches` step over a stream of batches; see the module docstring."""
 
     def __init__(self, step: MapBatches, metrics: StageMetrics, on_reject: Callable[..., None],
-                 stop: threading.Event) -> None:
+                 stop: threading.Event, *, keep_rows: bool = True) -> None:
         self.step = step
+        # Whether a later step needs the row positions (to name reject lines); without one, the output
+        # skips the position column, a copy of every batch that I/O-bound UDFs would pay per batch.
+        self.keep_rows = keep_rows
         self.metrics = metrics
         self._on_reject = on_reject
         self._stop = stop
@@ -217,15 +220,20 @@ class UdfStage:
         for positions, rows_in, out in parts:
             # A function that keeps the row count is taken to keep the rows in order, so later
             # rejects still point at source lines; otherwise they point at the part's first row.
-            pos = positions if out.height == rows_in else np.full(out.height, positions[0], dtype="int64")
-            frames.append(out.with_columns(pl.Series(ROW_COL, pos, dtype=pl.UInt32)))
+            if self.keep_rows:
+                pos = positions if out.height == rows_in else np.full(out.height, positions[0], dtype="int64")
+                out = out.with_columns(pl.Series(ROW_COL, pos, dtype=pl.UInt32))
+            frames.append(out)
             m.rows_out += out.height
             if out.height < rows_in:
                 m.rows_filtered += rows_in - out.height
             else:
                 m.rows_created += out.height - rows_in
         b = item.batch
-        data = pl.concat(frames, how="vertical_relaxed") if frames else self._empty_output(item.df.schema)
+        if len(frames) == 1:
+            data = frames[0]
+        else:
+            data = pl.concat(frames, how="vertical_relaxed") if frames else self._empty_output(item.df.schema)
         return Batch(data, b.split, first_row=b.first_row, rows_read=b.rows_read, first_line=b.first_line,
                      bytes_read=b.bytes_read, line_fn=b.line_fn)
 
@@ -234,7 +242,9 @@ class UdfStage:
         # shaped like the step's output so the steps and sink after it accept it.
         if self._empty is None:
             out = self.step.output_schema(schema)
-            self._empty = pl.DataFrame(schema=out).with_columns(pl.Series(ROW_COL, [], dtype=pl.UInt32))
+            self._empty = pl.DataFrame(schema=out)
+            if self.keep_rows:
+                self._empty = self._empty.with_columns(pl.Series(ROW_COL, [], dtype=pl.UInt32))
         return self._empty
 
     def _reject(self, item: _Item, positions: np.ndarray, df: pl.DataFrame, failure: Failure) -> None:

@@ -17,6 +17,8 @@ from colbatch.udf.worker import Failure, call, function_name, instantiate
 
 ExecutorName = Literal["auto", "inline", "threads", "processes"]
 
+# Dask scheduler addresses: the step connects when it starts and disconnects when it ends.
+DASK_SCHEMES = ("tcp://", "tls://")
 # One retry: a worker lost once is usually bad luck (memory pressure, a node going away);
 # a batch that kills its worker twice is poison, and more retries would only kill more workers.
 DEFAULT_RETRIES = 1
@@ -60,9 +62,11 @@ class MapBatches(Step):
         if not isinstance(self.concurrency, int) or self.concurrency < 1:
             raise ConfigError(f"`concurrency` must be a positive integer, got {self.concurrency!r}",
                               value=self.concurrency)
-        if isinstance(self.executor, str) and self.executor not in ("auto", "inline", "threads", "processes"):
+        if (isinstance(self.executor, str) and self.executor not in ("auto", "inline", "threads", "processes")
+                and not self.executor.startswith(DASK_SCHEMES)):
             raise ConfigError(f"`executor` {self.executor!r} is not valid; valid: auto, inline, threads, processes, "
-                              "a concurrent.futures.Executor or a dask.distributed.Client", value=self.executor)
+                              "a concurrent.futures.Executor, a dask.distributed.Client or a Dask scheduler "
+                              "address \"tcp://HOST:PORT\"", value=self.executor)
         if not self.name:
             self.name = function_name(self.fn).rsplit(":", 1)[-1]
 

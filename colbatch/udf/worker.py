@@ -19,7 +19,7 @@ from typing import Any
 import cloudpickle
 import polars as pl
 
-from colbatch.udf.transport import attach, from_ipc_bytes, ipc_size, read_ipc, to_ipc_bytes, write_ipc
+from colbatch.udf.transport import attach, from_ipc_bytes, ipc_size, read_ipc, to_arrow, to_ipc_bytes, write_ipc
 
 # Worker-side cache of loaded functions, keyed by the UDF's token: a process that serves
 # many batches (a Dask or ProcessPool worker) unpickles and instantiates the UDF only once.
@@ -84,6 +84,7 @@ def process_main(conn: Connection) -> None:
     # Ctrl-C is the driver's to handle; a worker interrupted mid-batch would look like a crash.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     fn = instantiate(cloudpickle.loads(conn.recv_bytes()))
+    conn.send(("ready",))  # a task's timeout runs from here: start-up is not the user's function
     segments: dict[str, Any] = {}
 
     def segment(name: str):
@@ -107,7 +108,7 @@ def process_main(conn: Connection) -> None:
         if isinstance(out, Failure):
             conn.send(("error", task_id, out))
             continue
-        table = out.to_arrow()
+        table = to_arrow(out)
         need = ipc_size(table)
         if need > out_capacity:
             conn.send(("grow", task_id, need))
