@@ -152,11 +152,16 @@ class BatchSizer:
                          f"{self.memory_limit / 2**20:,.0f} MiB")
         return True
 
-    def on_memory_error(self) -> None:
-        """A step raised MemoryError on a batch: halve the size and never grow past it again."""
+    def on_memory_error(self, rows: int | None = None) -> None:
+        """A step raised MemoryError on a batch of `rows` rows: next batches are at most half of that, for good.
+
+        Batches of the old size still in flight that fail too do not shrink the size again
+        (without `rows`, the current size is halved).
+        """
         with self._lock:
             self.memory_errors += 1
-            self._shrink("a step raised MemoryError")
+            target = self.rows // 2 if rows is None else min(self.rows, rows // 2)
+            self._shrink("a step raised MemoryError", target)
 
     # -- the writer's side --------------------------------------------------------------------
 
@@ -239,10 +244,10 @@ class BatchSizer:
         self._set(cap, "memory budget")
         self._since_shrink = 0
 
-    def _shrink(self, why: str) -> None:
+    def _shrink(self, why: str, target: int | None = None) -> None:
         # Halving goes below `min_rows` only for MemoryError (pressure stops at it): a batch that
         # does not fit must get smaller, however slow.
-        new = max(1, self.rows // 2)
+        new = max(1, self.rows // 2 if target is None else target)
         self.max_rows = min(self.max_rows, new)
         self._set(new, why)
         self._samples = []

@@ -211,7 +211,8 @@ class Runner:
             if cut > start:
                 stream = self._vectorised(stream, start, cut)
             if cut < len(self.steps):
-                stage = UdfStage(self.steps[cut], self.step_stages[cut], self._on_reject, self._stop)
+                stage = UdfStage(self.steps[cut], self.step_stages[cut], self._on_reject, self._stop,
+                                 on_memory_error=self.sizer.on_memory_error)
                 udf_stages.append(stage)
                 stream = stage.run(stream)
             start = cut + 1
@@ -264,7 +265,7 @@ class Runner:
         except MemoryError:
             if original.height < 2:
                 raise
-            self.sizer.on_memory_error()
+            self.sizer.on_memory_error(original.height)
             half = original.height // 2
             log.warning("a step ran out of memory on a batch of %d rows; retrying it in two halves", original.height)
             parts = [self._apply_rows(batch, original.slice(0, half), start, stop),
