@@ -112,3 +112,28 @@ def test_python_m_colbatch_tune_help_runs():
     out = subprocess.run([sys.executable, "-m", "colbatch", "tune", "--help"], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parent.parent)
     assert out.returncode == 0 and "--write" in out.stdout
+
+
+def test_tune_reads_at_most_its_budget_and_names_the_sizes_it_left_out(tmp_path, monkeypatch):
+    tune_mod = sys.modules["colbatch.tune"]  # `colbatch.tune` is also the function's name
+
+    # Scale the floors down so a small input shows the rule the 10% budget follows on a large one.
+    monkeypatch.setattr(tune_mod, "DEFAULT_MIN_BUDGET_ROWS", 0)
+    monkeypatch.setattr(tune_mod, "DEFAULT_MIN_SAMPLE_ROWS", 1_000)
+    path = tmp_path / "in.csv"
+    make_frame(100_000).write_csv(path)
+    pipeline = cb.scan_csv(path, schema=SCHEMA).sink_parquet(tmp_path / "o.parquet")
+    result = cb.tune(pipeline, sizes=[1_000, 4_000, 16_000, 64_000], budget=0.2, repeats=3)
+    assert [p.rows for p in result.points] == [1_000, 4_000]
+    assert [p.sample_rows for p in result.points] == [3_000, 12_000]
+    assert result.rows_read <= 0.2 * 100_000 * 1.1  # whole batches: a sample may end a little past its rows
+    notes = " ".join(result.notes)
+    assert "16,000 not measured" in notes and "64,000 not measured" in notes
+    assert sum(len(p.runs) for p in result.points) >= 3  # the budget left room for a repeat
+
+
+def test_tune_without_a_budget_measures_every_size(csv_path, tmp_path):
+    pipeline = cb.scan_csv(csv_path, schema=SCHEMA).sink_parquet(tmp_path / "o.parquet")
+    result = cb.tune(pipeline, sizes=[2_000, 8_000, 40_000], sample_rows=40_000, repeats=1, budget=None)
+    assert [p.rows for p in result.points] == [2_000, 8_000, 40_000]
+    assert result.rows_read == 3 * 40_000
