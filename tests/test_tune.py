@@ -129,7 +129,6 @@ def test_tune_reads_at_most_its_budget_and_names_the_sizes_it_left_out(tmp_path,
     assert result.rows_read <= 0.2 * 100_000 * 1.1  # whole batches: a sample may end a little past its rows
     notes = " ".join(result.notes)
     assert "16,000 not measured" in notes and "64,000 not measured" in notes
-    assert sum(len(p.runs) for p in result.points) >= 3  # the budget left room for a repeat
 
 
 def test_tune_without_a_budget_measures_every_size(csv_path, tmp_path):
