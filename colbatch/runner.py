@@ -165,7 +165,7 @@ class Runner:
                         stage.rows_rejected += batch.rows_read - batch.num_rows
                         stage.bytes_in += batch.bytes_read
                     size = batch.data.estimated_size()
-                    self.sizer.note_bytes(batch.num_rows, size)
+                    self.sizer.note_bytes(batch.num_rows, size, batch.bytes_read)
                     t1 = time.perf_counter()
                     if not out.put(batch, size, self._stop):
                         return
@@ -339,7 +339,7 @@ class Runner:
                                  rows=lambda: self.write_stage.rows_out).start()
         self.gc_timer.__enter__()
         t_start = self._t_start = time.perf_counter()
-        self._total_bytes = self.source.total_bytes()
+        self._total_bytes = self.sizer.input_bytes = self.source.total_bytes()
         progress = _progress(self._total_bytes, o.progress)
         threads = [
             threading.Thread(target=self._read, args=(read_q,), name="colbatch-read", daemon=True),

@@ -96,6 +96,21 @@ def test_sizer_grows_only_while_memory_has_room():
     assert sizer.settled
 
 
+def test_sizer_keeps_at_least_16_batches_per_input():
+    sizer = BatchSizer(100_000, memory_limit=1 << 40, rss=FakeRss(100 * MB))
+    sizer.input_bytes = 800_000 * 80  # 800k rows of 80 source bytes
+    rows = sizer()
+    sizer.note_bytes(rows, rows * 100, rows * 80)
+    assert sizer.input_rows() == 800_000
+    assert sizer.rows == 50_000
+    _feed(sizer, lambda rows: rows * 20.0, 60)  # growth would pay, but not past 1/16 of the input
+    assert [rows for _, rows in sizer.history] == [100_000, 50_000]
+    fixed = BatchSizer(100_000, memory_limit=1 << 40, adaptive=False, rss=FakeRss(100 * MB))
+    fixed.input_bytes = 800_000 * 80
+    fixed.note_bytes(100_000, 100_000 * 100, 100_000 * 80)
+    assert fixed.rows == 100_000  # a fixed size is the user's choice
+
+
 def test_memory_error_halves_the_size():
     sizer = BatchSizer(64_000, memory_limit=1 << 40, rss=FakeRss(0))
     sizer.on_memory_error()
