@@ -136,3 +136,15 @@ def test_tune_without_a_budget_measures_every_size(csv_path, tmp_path):
     result = cb.tune(pipeline, sizes=[2_000, 8_000, 40_000], sample_rows=40_000, repeats=1, budget=None)
     assert [p.rows for p in result.points] == [2_000, 8_000, 40_000]
     assert result.rows_read == 3 * 40_000
+
+
+@pytest.mark.slow
+def test_bench_tune_runs_and_prints_auto_against_the_fixed_sizes(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "colbatch", "bench", "tune", "--only", "expr", "--rows", "20000",
+                           "--runs", "1", "--dir", str(tmp_path), "--json", str(tmp_path / "raw.json")],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "auto / best fixed:" in proc.stdout
+    raw = json.loads((tmp_path / "raw.json").read_text())
+    assert set(raw["expr"]["rates"]) == {"auto", "8,192", "32,768", "131,072", "524,288", "1,048,576"}
+    assert raw["expr"]["failures"] == []
