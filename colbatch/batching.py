@@ -200,7 +200,8 @@ class BatchSizer:
         if cap >= self.max_rows:
             return
         self.max_rows = cap
-        if self.rows > cap:
+        # The estimate moves a little with every batch; only a real excess shrinks the size.
+        if self.rows > cap * (1 + self.hysteresis):
             self._set(cap, f"the input has about {total:,} rows: at least {DEFAULT_MIN_BATCHES} batches")
             if self._prev is not None and self._prev[0] >= cap:
                 self._prev = None

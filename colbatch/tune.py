@@ -5,9 +5,9 @@ of the input (`DEFAULT_SAMPLE_BATCHES` batches of that size, at least
 `DEFAULT_MIN_SAMPLE_ROWS`), with output in a temporary directory (never the
 real sink), `repeats` times. Throughput is the steady rate: rows from the
 first batch written to the commit, so start-up and pipeline fill do not
-penalise the short runs of small sizes. Tuning reads at most `budget` (10%)
-of the input's rows: sizes whose samples would not fit run fewer repeats or
-are left out, with a note. The smallest size within `DEFAULT_TOLERANCE` of
+penalise the short runs of small sizes. Tuning takes at most `budget` (10%)
+of the time a full run would: sizes whose samples would not fit run fewer
+repeats or are left out, with a note. The smallest size within `DEFAULT_TOLERANCE` of
 the best that fits the memory limit is recommended. `batch_size="auto"` starts
 from a recommendation written next to the job file (`JOB.tune.json`).
 """
@@ -38,11 +38,11 @@ DEFAULT_SIZES = (8_192, 32_768, 131_072, 524_288, 1_048_576)
 DEFAULT_SAMPLE_ROWS: int | None = None
 # Three batches: one fills the pipeline, two are measured at the steady rate (two when the budget is short).
 DEFAULT_SAMPLE_BATCHES = 3
-# Below ~64k rows a sample run is over in a few milliseconds, too short to time on a busy machine.
-DEFAULT_MIN_SAMPLE_ROWS = 65_536
+# Below ~32k rows a sample run is over in a few milliseconds, too short to time on a busy machine.
+DEFAULT_MIN_SAMPLE_ROWS = 32_768
 # Tuning that costs more than a tenth of the run it tunes is not worth it.
 DEFAULT_BUDGET = 0.1
-# Inputs too small for a tenth to measure anything are tuned on up to this many rows (a second or so).
+# Inputs too small for a tenth to measure anything may take the time of this many rows (a second or so).
 DEFAULT_MIN_BUDGET_ROWS = 400_000
 # Three runs per size: the median drops one outlier on a shared machine.
 DEFAULT_REPEATS = 3
@@ -216,8 +216,8 @@ def tune(pipeline: Pipeline, *, sizes: Sequence[int] | None = None, sample_rows:
         sample_rows: rows read per run (whole batches: a run may read a little more); None reads
             `DEFAULT_SAMPLE_BATCHES` batches of each size, at least `DEFAULT_MIN_SAMPLE_ROWS`.
         repeats: runs per size; the median counts.
-        budget: share of the input's rows tuning may read in all (at least `DEFAULT_MIN_BUDGET_ROWS`),
-            when the input's size is known; None for no limit.
+        budget: share of a full run's time tuning may take in all (at least the time of
+            `DEFAULT_MIN_BUDGET_ROWS` rows), when the input's size is known; None for no limit.
         write: where to store the recommendation as JSON (see `tune_file`).
 
     Example:
@@ -253,7 +253,7 @@ def tune(pipeline: Pipeline, *, sizes: Sequence[int] | None = None, sample_rows:
             before = process_rss()
             rate, report = _steady_rate(replace(pipeline, source=_Head(pipeline.source, n), sink=sink,
                                                 rejects_sink=None), rows)
-            plan.spent(report)
+            plan.spent(report, rate)
             _, rates, peak = measured.get(rows, (n, [], 0))
             measured[rows] = (n, [*rates, rate], max(peak, report.peak_rss_bytes, before))
 
@@ -263,7 +263,7 @@ def tune(pipeline: Pipeline, *, sizes: Sequence[int] | None = None, sample_rows:
             n = _sample_for(rows, sample_rows, plan)
             if n is None:
                 notes.append(f"batch size {rows:,} not measured: its sample would take tuning past "
-                             f"{budget:.0%} of the input's ~{plan.input_rows:,.0f} rows")
+                             f"{budget:.0%} of the time a full run of the input's ~{plan.input_rows:,.0f} rows takes")
                 continue
             measure(rows, n)
         for _ in range(repeats - 1):
@@ -287,13 +287,22 @@ def tune(pipeline: Pipeline, *, sizes: Sequence[int] | None = None, sample_rows:
 
 
 class _Budget:
-    """How many rows tuning may still read: `share` of the input's rows, estimated from its bytes."""
+    """How much tuning may still spend: `share` of the time a full run would take.
 
-    def __init__(self, total_bytes: int | None, share: float | None) -> None:
+    A full run's time is the input's rows (estimated from its bytes and the bytes per row read
+    so far) at the best rate measured; a sample's time is its rows at the last size's rate.
+    Inputs too small for a share to measure anything get `DEFAULT_MIN_BUDGET_ROWS` rows' worth.
+    """
+
+    def __init__(self, total_bytes: int | None, share: float | None, clock=time.perf_counter) -> None:
         self.total_bytes = total_bytes
         self.share = share
         self.rows = 0
         self.bytes = 0
+        self.best_rate = 0.0
+        self.last_rate = 0.0
+        self._clock = clock
+        self._t0 = clock()
 
     @property
     def input_rows(self) -> float:
@@ -304,14 +313,18 @@ class _Budget:
 
     def fits(self, sample: int) -> bool:
         """True when a run of `sample` rows fits what is left (the first run of all always does)."""
-        if self.share is None or not self.rows:
+        if self.share is None or not self.rows or self.best_rate <= 0:
             return True
-        return self.rows + sample <= max(self.share * self.input_rows, DEFAULT_MIN_BUDGET_ROWS)
+        allowed_s = max(self.share * self.input_rows, DEFAULT_MIN_BUDGET_ROWS) / self.best_rate
+        spent_s = self._clock() - self._t0
+        return spent_s + sample / (self.last_rate or self.best_rate) <= allowed_s
 
-    def spent(self, report) -> None:
-        """Count a sample run's rows and bytes."""
+    def spent(self, report, rate: float) -> None:
+        """Count a sample run's rows, bytes and rate."""
         self.rows += report.rows_read
         self.bytes += report.stages[0].bytes_in if report.stages else 0
+        self.last_rate = rate
+        self.best_rate = max(self.best_rate, rate)
 
 
 def _sample_for(rows: int, sample_rows: int | None, plan: _Budget) -> int | None:

@@ -41,7 +41,7 @@ def test_recommend_skips_sizes_that_do_not_fit_memory():
 def test_tune_measures_each_size_on_a_sample_and_never_writes_the_sink(csv_path, tmp_path):
     out = tmp_path / "real.parquet"
     pipeline = cb.scan_csv(csv_path, schema=SCHEMA).filter("amount > 0").sink_parquet(out)
-    result = cb.tune(pipeline, sizes=[32_768, 2_048, 8_192], sample_rows=20_000, repeats=2)
+    result = cb.tune(pipeline, sizes=[32_768, 2_048, 8_192], sample_rows=20_000, repeats=2, budget=None)
     assert [p.rows for p in result.points] == [2_048, 8_192, 32_768]
     assert all(len(p.runs) == 2 and p.throughput > 0 and p.peak_rss_bytes > 0 for p in result.points)
     assert result.recommended in {2_048, 8_192, 32_768}
@@ -114,21 +114,42 @@ def test_python_m_colbatch_tune_help_runs():
     assert out.returncode == 0 and "--write" in out.stdout
 
 
-def test_tune_reads_at_most_its_budget_and_names_the_sizes_it_left_out(tmp_path, monkeypatch):
-    tune_mod = sys.modules["colbatch.tune"]  # `colbatch.tune` is also the function's name
+def test_tune_budget_is_a_share_of_a_full_runs_time(monkeypatch):
+    from types import SimpleNamespace
 
-    # Scale the floors down so a small input shows the rule the 10% budget follows on a large one.
+    tune_mod = sys.modules["colbatch.tune"]  # `colbatch.tune` is also the function's name
     monkeypatch.setattr(tune_mod, "DEFAULT_MIN_BUDGET_ROWS", 0)
-    monkeypatch.setattr(tune_mod, "DEFAULT_MIN_SAMPLE_ROWS", 1_000)
+    now = [0.0]
+    plan = tune_mod._Budget(1_000_000, 0.1, clock=lambda: now[0])
+    assert plan.fits(10**9)  # nothing is known before the first run
+    # The first run read 10k rows of 10 bytes at 100k rows/s: the input has ~100k rows, a full
+    # run takes ~1 s, so tuning may take 0.1 s in all.
+    plan.spent(SimpleNamespace(rows_read=10_000, stages=[SimpleNamespace(bytes_in=100_000)]), 100_000.0)
+    assert plan.input_rows == pytest.approx(100_000)
+    now[0] = 0.05
+    assert plan.fits(4_000)  # 0.05 s spent + 0.04 s
+    assert not plan.fits(6_000)  # 0.05 s + 0.06 s is past 0.1 s
+    # A faster size makes the full run, and so the budget, shorter.
+    plan.spent(SimpleNamespace(rows_read=4_000, stages=[SimpleNamespace(bytes_in=40_000)]), 200_000.0)
+    now[0] = 0.07
+    assert not plan.fits(4_000)  # budget now 0.05 s, already spent
+    assert tune_mod._Budget(None, 0.1).fits(10**9)  # unknown input size: no limit
+
+
+def test_tune_notes_every_size_it_left_out(tmp_path, monkeypatch):
+    tune_mod = sys.modules["colbatch.tune"]
+    monkeypatch.setattr(tune_mod, "DEFAULT_MIN_BUDGET_ROWS", 0)
     path = tmp_path / "in.csv"
     make_frame(100_000).write_csv(path)
-    pipeline = cb.scan_csv(path, schema=SCHEMA).sink_parquet(tmp_path / "o.parquet")
-    result = cb.tune(pipeline, sizes=[1_000, 4_000, 16_000, 64_000], budget=0.2, repeats=3)
-    assert [p.rows for p in result.points] == [1_000, 4_000]
-    assert [p.sample_rows for p in result.points] == [3_000, 12_000]
-    assert result.rows_read <= 0.2 * 100_000 * 1.1  # whole batches: a sample may end a little past its rows
-    notes = " ".join(result.notes)
-    assert "16,000 not measured" in notes and "64,000 not measured" in notes
+    sizes = [4_096, 16_384, 65_536]
+    result = cb.tune(cb.scan_csv(path, schema=SCHEMA).sink_parquet(tmp_path / "o.parquet"), sizes=sizes,
+                     budget=0.05)
+    measured = [p.rows for p in result.points]
+    assert measured and measured[0] == 4_096  # the first size is always measured
+    left_out = [s for s in sizes if s not in measured]
+    assert 65_536 in left_out  # 2 batches of it are over the whole input's tenth
+    for size in left_out:
+        assert any(f"{size:,} not measured" in n for n in result.notes)
 
 
 def test_tune_without_a_budget_measures_every_size(csv_path, tmp_path):
