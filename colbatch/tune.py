@@ -290,7 +290,8 @@ class _Budget:
     """How much tuning may still spend: `share` of the time a full run would take.
 
     A full run's time is the input's rows (estimated from its bytes and the bytes per row read
-    so far) at the best rate measured; a sample's time is its rows at the last size's rate.
+    so far) at the best rate measured; a sample's time is its rows at the last size's rate plus
+    the fixed cost per run seen so far (start-up, pipeline fill, commit).
     Inputs too small for a share to measure anything get `DEFAULT_MIN_BUDGET_ROWS` rows' worth.
     """
 
@@ -301,6 +302,8 @@ class _Budget:
         self.bytes = 0
         self.best_rate = 0.0
         self.last_rate = 0.0
+        self.runs = 0
+        self.work_s = 0.0  # the runs' rows at their steady rates: the rest of the time spent is fixed cost
         self._clock = clock
         self._t0 = clock()
 
@@ -317,7 +320,8 @@ class _Budget:
             return True
         allowed_s = max(self.share * self.input_rows, DEFAULT_MIN_BUDGET_ROWS) / self.best_rate
         spent_s = self._clock() - self._t0
-        return spent_s + sample / (self.last_rate or self.best_rate) <= allowed_s
+        fixed_s = max(0.0, spent_s - self.work_s) / self.runs if self.runs else 0.0
+        return spent_s + fixed_s + sample / (self.last_rate or self.best_rate) <= allowed_s
 
     def spent(self, report, rate: float) -> None:
         """Count a sample run's rows, bytes and rate."""
@@ -325,6 +329,8 @@ class _Budget:
         self.bytes += report.stages[0].bytes_in if report.stages else 0
         self.last_rate = rate
         self.best_rate = max(self.best_rate, rate)
+        self.runs += 1
+        self.work_s += report.rows_read / rate if rate > 0 else 0.0
 
 
 def _sample_for(rows: int, sample_rows: int | None, plan: _Budget) -> int | None:

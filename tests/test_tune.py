@@ -124,15 +124,15 @@ def test_tune_budget_is_a_share_of_a_full_runs_time(monkeypatch):
     assert plan.fits(10**9)  # nothing is known before the first run
     # The first run read 10k rows of 10 bytes at 100k rows/s: the input has ~100k rows, a full
     # run takes ~1 s, so tuning may take 0.1 s in all.
-    plan.spent(SimpleNamespace(rows_read=10_000, stages=[SimpleNamespace(bytes_in=100_000)]), 100_000.0)
+    now[0] = 0.04  # 0.1 s of rows at 100k rows/s, plus 0.01 s of start-up and commit
+    plan.spent(SimpleNamespace(rows_read=3_000, stages=[SimpleNamespace(bytes_in=30_000)]), 100_000.0)
     assert plan.input_rows == pytest.approx(100_000)
-    now[0] = 0.05
-    assert plan.fits(4_000)  # 0.05 s spent + 0.04 s
-    assert not plan.fits(6_000)  # 0.05 s + 0.06 s is past 0.1 s
+    assert plan.fits(4_900)  # 0.04 s spent + 0.01 s fixed + 0.049 s
+    assert not plan.fits(6_000)  # 0.04 + 0.01 + 0.06 is past 0.1 s
     # A faster size makes the full run, and so the budget, shorter.
     plan.spent(SimpleNamespace(rows_read=4_000, stages=[SimpleNamespace(bytes_in=40_000)]), 200_000.0)
-    now[0] = 0.07
-    assert not plan.fits(4_000)  # budget now 0.05 s, already spent
+    now[0] = 0.06
+    assert not plan.fits(1_000)  # budget now 0.05 s, already spent
     assert tune_mod._Budget(None, 0.1).fits(10**9)  # unknown input size: no limit
 
 
