@@ -192,6 +192,11 @@ def _table(title: str, rates: dict[str, list[float]]) -> tuple[str, float]:
         mark = "  <- best fixed" if k == best else ""
         lines.append(f"{k:>12}  {v:>14,.0f}  {spread:>6.0%}  {ratio:>12.3f}x{mark}")
     ratio = med["auto"] / fixed[best] if best and "auto" in med else float("nan")
+    if best and "auto" in rates:
+        # Each round ran every contender once, close in time: the per-round ratio cancels slow drift.
+        paired = [a / b for a, b in zip(rates["auto"], rates[best])]
+        lines.append(f"auto / {best} per round: {', '.join(f'{p:.2f}' for p in paired)} "
+                     f"(median {statistics.median(paired):.3f}x)")
     return "\n".join(lines), ratio
 
 
