@@ -6,6 +6,7 @@ Example:
     >>> print(report)
 """
 
+from colbatch.alerts import Progress, RunWarning
 from colbatch.errors import (
     CheckpointError,
     ColbatchError,
@@ -27,7 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ColbatchError", "ConfigError", "ErrorThresholdExceeded", "MissingDependencyError",
-    "Output", "Pipeline", "Report", "SchemaError", "TuneResult", "SinkError", "SourceError", "UdfError",
+    "Output", "Pipeline", "Progress", "Report", "RunWarning", "SchemaError", "TuneResult", "SinkError", "SourceError", "UdfError",
     "from_arrow", "from_batches", "open_output", "scan_csv", "scan_ipc", "scan_ndjson", "scan_parquet",
     "scan_postgres", "tune",
 ]

@@ -47,6 +47,9 @@ DEFAULT_BATCHES_IN_MEMORY = 12
 DEFAULT_BATCH_SHARE = 0.25
 # Without `memory_limit` a run may use half of the memory available at start.
 DEFAULT_AVAILABLE_SHARE = 0.5
+# At least 16 batches per input: the last batch drains through every stage alone and worker pools
+# need several batches in flight, so one batch should be at most ~6% of the run.
+DEFAULT_MIN_BATCHES = 16
 # Suffix of the file `colbatch tune --write` stores next to a job file.
 TUNE_SUFFIX = ".tune.json"
 
@@ -120,6 +123,10 @@ class BatchSizer:
         self.memory_errors = 0
         self.clamped = False
         self.history: list[tuple[float, int]] = [(0.0, self.rows)]
+        # The input's size in source bytes, when known (the runner sets it): caps growth by the input's rows.
+        self.input_bytes: int | None = None
+        self._source_bytes = 0
+        self._source_rows = 0
 
     # -- the reader's side --------------------------------------------------------------------
 
@@ -152,22 +159,52 @@ class BatchSizer:
                          f"{self.memory_limit / 2**20:,.0f} MiB")
         return True
 
-    def on_memory_error(self) -> None:
-        """A step raised MemoryError on a batch: halve the size and never grow past it again."""
+    def on_memory_error(self, rows: int | None = None) -> None:
+        """A step raised MemoryError on a batch of `rows` rows: next batches are at most half of that, for good.
+
+        Batches of the old size still in flight that fail too do not shrink the size again
+        (without `rows`, the current size is halved).
+        """
         with self._lock:
             self.memory_errors += 1
-            self._shrink("a step raised MemoryError")
+            target = self.rows // 2 if rows is None else min(self.rows, rows // 2)
+            self._shrink("a step raised MemoryError", target)
 
     # -- the writer's side --------------------------------------------------------------------
 
-    def note_bytes(self, rows: int, nbytes: int) -> None:
-        """Record the in-memory size of a batch just read; clamps the size to the memory budget."""
+    def note_bytes(self, rows: int, nbytes: int, source_bytes: int = 0) -> None:
+        """Record the in-memory size (and source bytes) of a batch just read; clamps the size to the memory
+        budget, and an adaptive size to `DEFAULT_MIN_BATCHES` batches per input."""
         if rows <= 0 or nbytes <= 0:
             return
         with self._lock:
             bpr = nbytes / rows
             self.bytes_per_row = bpr if not self.bytes_per_row else 0.8 * self.bytes_per_row + 0.2 * bpr
             self._clamp_to_budget()
+            if source_bytes > 0:
+                self._source_bytes += source_bytes
+                self._source_rows += rows
+                self._clamp_to_input()
+
+    def input_rows(self) -> int | None:
+        """The input's rows, estimated from its size and the source bytes per row read so far."""
+        if not self.input_bytes or not self._source_bytes:
+            return None
+        return int(self.input_bytes * self._source_rows / self._source_bytes)
+
+    def _clamp_to_input(self) -> None:
+        total = self.input_rows()
+        if not self.adaptive or total is None:
+            return
+        cap = max(self.min_rows, total // DEFAULT_MIN_BATCHES)
+        if cap >= self.max_rows:
+            return
+        self.max_rows = cap
+        # The estimate moves a little with every batch; only a real excess shrinks the size.
+        if self.rows > cap * (1 + self.hysteresis):
+            self._set(cap, f"the input has about {total:,} rows: at least {DEFAULT_MIN_BATCHES} batches")
+            if self._prev is not None and self._prev[0] >= cap:
+                self._prev = None
 
     def observe(self, rows: int, seconds: float) -> None:
         """Record one finished batch: `rows` source rows took `seconds` of pipeline time."""
@@ -239,10 +276,10 @@ class BatchSizer:
         self._set(cap, "memory budget")
         self._since_shrink = 0
 
-    def _shrink(self, why: str) -> None:
+    def _shrink(self, why: str, target: int | None = None) -> None:
         # Halving goes below `min_rows` only for MemoryError (pressure stops at it): a batch that
         # does not fit must get smaller, however slow.
-        new = max(1, self.rows // 2)
+        new = max(1, self.rows // 2 if target is None else target)
         self.max_rows = min(self.max_rows, new)
         self._set(new, why)
         self._samples = []

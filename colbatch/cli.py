@@ -1,4 +1,4 @@
-"""Command line: `python -m colbatch run JOB.toml | tune JOB.toml | demo | query SQL | bench core|udf|agg|pg`."""
+"""Command line: `python -m colbatch run JOB.toml | tune JOB.toml | demo | query SQL | bench core|udf|agg|pg|tune`."""
 
 from __future__ import annotations
 
@@ -44,12 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--plot", metavar="PNG", help="save throughput and peak RSS by batch size as a PNG")
     tune.add_argument("--write", action="store_true",
                       help="store the recommendation in JOB.tune.json, where batch_size=\"auto\" starts from")
-    tune.add_argument("--sample-rows", type=int, default=None, metavar="N", help="rows per sample run (default 1M)")
+    tune.add_argument("--sample-rows", type=int, default=None, metavar="N", help="rows per sample run (default: 3 batches of each size, at most 10%% of the input in all)")
     tune.add_argument("--sizes", default=None, metavar="N,N,...", help="batch sizes in rows (default 8k..1M)")
     tune.add_argument("--repeats", type=int, default=None, metavar="N", help="runs per size (default 3)")
     tune.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     bench = sub.add_parser("bench", help="benchmarks against Polars, DuckDB, pyarrow and plain Python")
-    bench.add_argument("suite", choices=["core", "udf", "agg", "pg", "postgres"], help="which benchmark")
+    bench.add_argument("suite", choices=["core", "udf", "agg", "pg", "postgres", "tune"], help="which benchmark")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="options of the suite (see `bench core --help`)")
     return parser
 
@@ -85,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
             from colbatch.bench.pg import main as pg_bench_main
 
             return pg_bench_main(args.args)
+        if args.suite == "tune":
+            from colbatch.bench.tune import main as bench_tune
+
+            return bench_tune(args.args)
         if args.suite == "udf":
             from colbatch.bench.udf import main as bench_udf
 

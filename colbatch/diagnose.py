@@ -195,7 +195,7 @@ def diagnose(stages: Sequence[StageMetrics], elapsed_s: float, *, source: str, s
     extra = {"busy_share": share, "cpu": cpu or {}, "gc_pause_s": round(gc_pause_s, 4)}
     near = memory.limit is not None and memory.peak_rss >= DEFAULT_MEMORY_NEAR * memory.limit
     if memory.memory_errors or memory.pressure_events or near or memory.clamped:
-        limit = f"{memory.limit / 2**20:,.0f} MiB" if memory.limit else "the available memory"
+        limit = f"memory_limit {memory.limit / 2**20:,.0f} MiB" if memory.limit else "the available memory"
         what = []
         if memory.memory_errors:
             what.append(f"{memory.memory_errors} batch(es) raised MemoryError and were retried in halves")
@@ -204,7 +204,7 @@ def diagnose(stages: Sequence[StageMetrics], elapsed_s: float, *, source: str, s
         if near:
             what.append(f"peak RSS reached {memory.peak_rss / 2**20:,.0f} MiB")
         return {"resource": "memory", "stage": name,
-                "verdict": f"memory is the limit: {', '.join(what)} against memory_limit {limit}",
+                "verdict": f"memory is the limit: {', '.join(what)} against {limit}",
                 "explanation": "small batches that fit the limit pay per-batch overhead in every stage, and "
                                "RSS near the limit risks the job being killed",
                 "recommendation": "raise memory_limit, drop unused columns early with select, or use fewer "

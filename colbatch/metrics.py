@@ -89,6 +89,8 @@ class MemorySampler:
 
     interval_s: float = DEFAULT_SAMPLE_INTERVAL_S
     peak_rss: int = 0
+    # The latest sample: a cheap current RSS for checks made after every batch.
+    last_rss: int = 0
     samples: list[tuple[float, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -110,6 +112,7 @@ class MemorySampler:
     def sample(self) -> int:
         """Take one sample now."""
         value = self.rss()
+        self.last_rss = value
         self.peak_rss = max(self.peak_rss, value)
         if len(self.samples) < 10_000:
             self.samples.append((round(time.perf_counter() - self._t0, 3), value))

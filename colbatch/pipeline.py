@@ -234,7 +234,8 @@ class Pipeline:
 
     def with_options(self, **options: Any) -> Pipeline:
         """Set run options (`batch_size`, `max_error_rate`, `max_errors`, `memory_limit`, `progress`, `threads`,
-        `temp_directory`, `executor`: a `dask.distributed.Client` or `"tcp://HOST:PORT"` runs one task per split)."""
+        `temp_directory`, `on_progress`, `on_warning`, `executor`: a `dask.distributed.Client` or
+        `"tcp://HOST:PORT"` runs one task per split)."""
         try:
             return replace(self, options=replace(self.options, **options))
         except TypeError as exc:
@@ -275,6 +276,16 @@ class Pipeline:
         (per the sink's ledger) is skipped, so the output holds every row once.
         A job whose output already holds its complete result does nothing
         (`report.skipped`) unless `overwrite=True`.
+
+        Hooks: `on_progress=fn` gets a `cb.Progress` after the first batch, at most twice a
+        second after that, and with `done=True` when the run succeeded; `on_warning=fn` gets
+        a `cb.RunWarning` when rejects pass half of `max_error_rate`/`max_errors`, RSS passes
+        90% of the memory limit, or throughput drops sharply (each once per run; also logged
+        and kept in `report.warnings`). A hook that raises stops the run uncommitted.
+
+        Example:
+            >>> report = pipeline.run(on_progress=lambda p: print(p.rows_written, p.fraction),
+            ...                       on_warning=lambda w: print(w.kind, w.message))
         """
         pipeline = self.with_options(**options) if options else self
         if pipeline.sink is None:

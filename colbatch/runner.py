@@ -7,13 +7,14 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import polars as pl
 
 from colbatch import faults
+from colbatch.alerts import Alerts, Progress, RunWarning
 from colbatch.batch import Batch
 from colbatch.batching import BatchSizer
 from colbatch.diagnose import GcTimer, MemoryFacts, Timeline, diagnose
@@ -75,6 +76,9 @@ class RunOptions:
     # A `dask.distributed.Client` or a scheduler address ("tcp://HOST:PORT"): one task per split on
     # the cluster (see `colbatch.distributed`); None runs in this process.
     executor: Any = None
+    # Hooks (Python API only): progress snapshots, and warnings as they are raised (see colbatch.alerts).
+    on_progress: Callable[[Progress], object] | None = None
+    on_warning: Callable[[RunWarning], object] | None = None
 
     def batch_rows(self) -> int:
         """Rows per batch the reader starts with."""
@@ -120,6 +124,12 @@ class Runner:
         self.sizer = options.sizer()
         self.gc_timer = GcTimer()
         self.timeline: Timeline | None = None
+        self._sampler: MemorySampler | None = None
+        self._total_bytes: int | None = None
+        self._t_start = time.perf_counter()
+        self.alerts = Alerts(self._snapshot, max_error_rate=options.max_error_rate, max_errors=options.max_errors,
+                             memory_limit=self.sizer.memory_limit, explicit_limit=options.memory_limit is not None,
+                             on_progress=options.on_progress, on_warning=options.on_warning)
 
     # -- threads ----------------------------------------------------------------------------
 
@@ -164,7 +174,7 @@ class Runner:
                         stage.rows_rejected += batch.rows_read - batch.num_rows
                         stage.bytes_in += batch.bytes_read
                     size = batch.data.estimated_size()
-                    self.sizer.note_bytes(batch.num_rows, size)
+                    self.sizer.note_bytes(batch.num_rows, size, batch.bytes_read)
                     t1 = time.perf_counter()
                     if not out.put(batch, size, self._stop):
                         return
@@ -221,7 +231,8 @@ class Runner:
                 stream = self._vectorised(stream, start, cut)
             if cut < len(self.steps):
                 stage = UdfStage(self.steps[cut], self.step_stages[cut], self._on_reject, self._stop,
-                                 keep_rows=self._sink_rows or any(s.needs_rows for s in self.steps[cut + 1:]))
+                                 keep_rows=self._sink_rows or any(s.needs_rows for s in self.steps[cut + 1:]),
+                                 on_memory_error=self.sizer.on_memory_error)
                 udf_stages.append(stage)
                 stream = stage.run(stream)
             start = cut + 1
@@ -274,7 +285,7 @@ class Runner:
         except MemoryError:
             if original.height < 2:
                 raise
-            self.sizer.on_memory_error()
+            self.sizer.on_memory_error(original.height)
             half = original.height // 2
             log.warning("a step ran out of memory on a batch of %d rows; retrying it in two halves", original.height)
             parts = [self._apply_rows(batch, original.slice(0, half), start, stop),
@@ -333,13 +344,14 @@ class Runner:
         queue_bytes = o.queue_bytes if o.memory_limit is None else max(1 << 20, min(o.queue_bytes, o.memory_limit // 8))
         read_q = ByteQueue(o.queue_items, queue_bytes)
         write_q = ByteQueue(o.queue_items, queue_bytes)
-        sampler = MemorySampler().start()
+        sampler = self._sampler = MemorySampler().start()
         self.timeline = Timeline([self.read_stage, *self.step_stages, self.write_stage],
                                  queues={"read→transform": read_q.__len__, "transform→write": write_q.__len__},
                                  rows=lambda: self.write_stage.rows_out).start()
         self.gc_timer.__enter__()
-        t_start = time.perf_counter()
-        progress = _progress(self.source.total_bytes(), o.progress)
+        t_start = self._t_start = time.perf_counter()
+        self._total_bytes = self.sizer.input_bytes = self.source.total_bytes()
+        progress = _progress(self._total_bytes, o.progress)
         threads = [
             threading.Thread(target=self._read, args=(read_q,), name="colbatch-read", daemon=True),
             threading.Thread(target=self._transform, args=(read_q, write_q), name="colbatch-transform", daemon=True),
@@ -370,6 +382,10 @@ class Runner:
             report.outputs = result.files or [result.target]
             self.write_stage.rows_out = result.rows
             self.write_stage.rows_rejected = result.rejected
+            try:
+                self.alerts.finish()
+            except Exception as exc:  # the output is committed: a failing last progress call cannot undo it
+                log.warning("on_progress raised after the output was committed: %s: %s", type(exc).__name__, exc)
         except BaseException as exc:
             self._stop.set()
             for t in threads:
@@ -419,11 +435,20 @@ class Runner:
             self._batches += 1
             now = time.perf_counter()
             self.sizer.observe(batch.rows_read, now - last)
+            self.alerts.after_batch(batch.rows_read, now - last)
             last = now
             if progress is not None:
                 progress.update(batch.bytes_read)
                 progress.set_postfix_str(f"{self.read_stage.rows_in:,} rows, {self.rejects.total:,} rejected",
                                          refresh=False)
+
+    def _snapshot(self, done: bool) -> Progress:
+        return Progress(elapsed_s=time.perf_counter() - self._t_start, rows_read=self.read_stage.rows_in,
+                        rows_written=self.write_stage.rows_out,
+                        rows_filtered=sum(s.rows_filtered for s in self.step_stages), rows_rejected=self.rejects.total,
+                        batches=self._batches, batch_rows=self.sizer.rows, rows_per_s=self.alerts.recent_rate,
+                        rss_bytes=self._sampler.last_rss if self._sampler is not None else 0,
+                        bytes_read=self.read_stage.bytes_in, total_bytes=self._total_bytes, done=done)
 
     def _fill(self, report: Report, t_start: float, sampler: MemorySampler) -> None:
         report.elapsed_s = time.perf_counter() - t_start
@@ -440,6 +465,7 @@ class Runner:
         report.batches = self._batches
         report.retries = self.retries + self.sink.retried
         report.rejects = self.rejects.frame()
+        report.warnings.extend(self.alerts.messages)
         cpu = self.timeline.cpu_summary(report.elapsed_s) if self.timeline is not None else {}
         report.timeline = self.timeline.samples if self.timeline is not None else []
         report.gc = self.gc_timer.to_dict()

@@ -1,11 +1,15 @@
 """The batch-size tuner: run a job on a sample at several batch sizes and recommend one.
 
-Each size runs the job's own source, steps and sink format on the first
-`sample_rows` rows of the input, with output in a temporary directory (never
-the real sink), `repeats` times; the median throughput per size is compared
-and the smallest size within `DEFAULT_TOLERANCE` of the best that fits the
-memory limit is recommended. `batch_size="auto"` starts from a recommendation
-written next to the job file (`JOB.tune.json`).
+Each size runs the job's own source, steps and sink format on the first rows
+of the input (`DEFAULT_SAMPLE_BATCHES` batches of that size, at least
+`DEFAULT_MIN_SAMPLE_ROWS`), with output in a temporary directory (never the
+real sink), `repeats` times. Throughput is the steady rate: rows from the
+first batch written to the commit, so start-up and pipeline fill do not
+penalise the short runs of small sizes. Tuning takes at most `budget` (10%)
+of the time a full run would: sizes whose samples would not fit run fewer
+repeats or are left out, with a note. The smallest size within `DEFAULT_TOLERANCE` of
+the best that fits the memory limit is recommended. `batch_size="auto"` starts
+from a recommendation written next to the job file (`JOB.tune.json`).
 """
 
 from __future__ import annotations
@@ -30,8 +34,16 @@ from colbatch.sources.base import RejectFn, Source
 
 # The sizes of the issue's benchmark grid, from per-batch-overhead territory to memory-heavy.
 DEFAULT_SIZES = (8_192, 32_768, 131_072, 524_288, 1_048_576)
-# 1M rows: several batches even at the larger sizes, a few seconds per run on typical data.
-DEFAULT_SAMPLE_ROWS = 1_000_000
+# None: each size's sample is DEFAULT_SAMPLE_BATCHES of its batches, at least DEFAULT_MIN_SAMPLE_ROWS.
+DEFAULT_SAMPLE_ROWS: int | None = None
+# Three batches: one fills the pipeline, two are measured at the steady rate (two when the budget is short).
+DEFAULT_SAMPLE_BATCHES = 3
+# Below ~32k rows a sample run is over in a few milliseconds, too short to time on a busy machine.
+DEFAULT_MIN_SAMPLE_ROWS = 32_768
+# Tuning that costs more than a tenth of the run it tunes is not worth it.
+DEFAULT_BUDGET = 0.1
+# Inputs too small for a tenth to measure anything may take the time of this many rows (a second or so).
+DEFAULT_MIN_BUDGET_ROWS = 400_000
 # Three runs per size: the median drops one outlier on a shared machine.
 DEFAULT_REPEATS = 3
 # Sizes within 5% of the best throughput are equally good (run-to-run noise); the smallest wins (less memory).
@@ -89,6 +101,7 @@ class TunePoint:
     peak_rss_bytes: int  # highest peak RSS over the repeats (process and children)
     runs: list[float] = field(default_factory=list)  # rows/s of each repeat
     fits: bool = True  # peak RSS within the memory limit (always True without one)
+    sample_rows: int = 0  # rows per run at this size
 
 
 @dataclass
@@ -107,6 +120,7 @@ class TuneResult:
     memory_limit: int | None = None
     elapsed_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    rows_read: int = 0  # rows all sample runs read together (what tuning cost)
 
     def best(self) -> TunePoint:
         """The size with the highest median throughput."""
@@ -115,7 +129,7 @@ class TuneResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary; `batch_rows` is what `batch_size="auto"` starts from."""
         return {"batch_rows": self.recommended, "sample_rows": self.sample_rows, "repeats": self.repeats,
-                "memory_limit": self.memory_limit, "elapsed_s": round(self.elapsed_s, 3),
+                "memory_limit": self.memory_limit, "elapsed_s": round(self.elapsed_s, 3), "rows_read": self.rows_read,
                 "points": [asdict(p) for p in self.points], "notes": list(self.notes)}
 
     def write(self, path: str | os.PathLike) -> Path:
@@ -136,7 +150,7 @@ class TuneResult:
                          f"{p.s_per_row * 1e6:>8.3f}  {p.peak_rss_bytes / 2**20:>6,.0f} MiB{mark}")
         lines.append(f"recommended batch_size = {self.recommended:,} (smallest size within "
                      f"{DEFAULT_TOLERANCE:.0%} of the best throughput that fits memory); "
-                     f"{self.sample_rows:,} sample rows x {self.repeats} repeats in {self.elapsed_s:.1f}s")
+                     f"up to {self.repeats} runs per size, {self.rows_read:,} rows read in {self.elapsed_s:.1f}s")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -188,18 +202,22 @@ def recommend(points: Sequence[TunePoint], tolerance: float = DEFAULT_TOLERANCE)
     return min(p.rows for p in fitting if p.throughput >= best * (1 - tolerance))
 
 
-def tune(pipeline: Pipeline, *, sizes: Sequence[int] | None = None, sample_rows: int = DEFAULT_SAMPLE_ROWS,
-         repeats: int = DEFAULT_REPEATS, write: str | os.PathLike | None = None) -> TuneResult:
-    """Run `pipeline` on its first `sample_rows` rows at each batch size and recommend one.
+def tune(pipeline: Pipeline, *, sizes: Sequence[int] | None = None, sample_rows: int | None = DEFAULT_SAMPLE_ROWS,
+         repeats: int = DEFAULT_REPEATS, budget: float | None = DEFAULT_BUDGET,
+         write: str | os.PathLike | None = None) -> TuneResult:
+    """Run `pipeline` on the first rows of its input at each batch size and recommend one.
 
     Output goes to a temporary directory in the sink's file format (Parquet for
     other sinks, whose cost is then not measured); rejects stay in memory.
 
     Args:
         pipeline: the job to tune (its sink is never written).
-        sizes: batch sizes in rows; default `DEFAULT_SIZES` up to the sample size.
-        sample_rows: rows read per run (whole batches: a run may read a little more).
+        sizes: batch sizes in rows; default `DEFAULT_SIZES` (up to `sample_rows` when given).
+        sample_rows: rows read per run (whole batches: a run may read a little more); None reads
+            `DEFAULT_SAMPLE_BATCHES` batches of each size, at least `DEFAULT_MIN_SAMPLE_ROWS`.
         repeats: runs per size; the median counts.
+        budget: share of a full run's time tuning may take in all (at least the time of
+            `DEFAULT_MIN_BUDGET_ROWS` rows), when the input's size is known; None for no limit.
         write: where to store the recommendation as JSON (see `tune_file`).
 
     Example:
@@ -208,9 +226,16 @@ def tune(pipeline: Pipeline, *, sizes: Sequence[int] | None = None, sample_rows:
     """
     if pipeline.sink is None:
         raise ConfigError("the pipeline has no sink; tune runs the job as it will run, so give it one")
-    if sample_rows <= 0 or repeats <= 0:
+    if (sample_rows is not None and sample_rows <= 0) or repeats <= 0:
         raise ConfigError(f"`sample_rows` and `repeats` must be positive, got {sample_rows!r} and {repeats!r}")
-    chosen = sorted({int(s) for s in sizes}) if sizes else [s for s in DEFAULT_SIZES if s <= sample_rows] or [sample_rows]
+    if budget is not None and not 0 < budget <= 1:
+        raise ConfigError(f"`budget` must be a share of the input in (0, 1], got {budget!r}")
+    if sizes:
+        chosen = sorted({int(s) for s in sizes})
+    elif sample_rows is None:
+        chosen = list(DEFAULT_SIZES)
+    else:
+        chosen = [s for s in DEFAULT_SIZES if s <= sample_rows] or [sample_rows]
     if chosen[0] <= 0:
         raise ConfigError(f"`sizes` must be positive row counts, got {list(sizes or [])}")
     limit = pipeline.options.memory_limit
@@ -221,23 +246,119 @@ def tune(pipeline: Pipeline, *, sizes: Sequence[int] | None = None, sample_rows:
         sink, note = _sample_sink(pipeline, tmp)
         if note:
             notes.append(note)
-        sample = replace(pipeline, source=_Head(pipeline.source, sample_rows), sink=sink, rejects_sink=None)
+        plan = _Budget(pipeline.source.total_bytes(), budget)
+        measured: dict[int, tuple[int, list[float], int]] = {}  # size -> (sample rows, rates, peak RSS)
+
+        def measure(rows: int, n: int) -> None:
+            before = process_rss()
+            rate, report = _steady_rate(replace(pipeline, source=_Head(pipeline.source, n), sink=sink,
+                                                rejects_sink=None), rows)
+            plan.spent(report, rate)
+            _, rates, peak = measured.get(rows, (n, [], 0))
+            measured[rows] = (n, [*rates, rate], max(peak, report.peak_rss_bytes, before))
+
+        # Breadth first: every size once (the budget allowing), then repeats, fastest sizes first: under
+        # a short budget the repeats go where they decide the recommendation.
         for rows in chosen:
-            rates, peak = [], 0
-            for _ in range(repeats):
-                before = process_rss()
-                report = sample.run(batch_size=rows, progress=False, overwrite=True, max_error_rate=None)
-                rates.append(report.rows_read / report.elapsed_s if report.elapsed_s > 0 else 0.0)
-                peak = max(peak, report.peak_rss_bytes, before)
+            n = _sample_for(rows, sample_rows, plan)
+            if n is None:
+                notes.append(f"batch size {rows:,} not measured: its sample would take tuning past "
+                             f"{budget:.0%} of the time a full run of the input's ~{plan.input_rows:,.0f} rows takes")
+                continue
+            measure(rows, n)
+        for _ in range(repeats - 1):
+            ranked = sorted(measured, key=lambda r: -statistics.median(measured[r][1]))
+            for rows in ranked:
+                if plan.fits(measured[rows][0]):
+                    measure(rows, measured[rows][0])
+        for rows in sorted(measured):
+            n, rates, peak = measured[rows]
             med = statistics.median(rates)
             points.append(TunePoint(rows=rows, throughput=med, s_per_row=1 / med if med else float("inf"),
                                     peak_rss_bytes=peak, runs=[round(r, 1) for r in rates],
-                                    fits=limit is None or peak <= limit))
-    result = TuneResult(points, recommend(points), sample_rows, repeats, memory_limit=limit,
-                        elapsed_s=time.perf_counter() - t_start, notes=notes)
+                                    fits=limit is None or peak <= limit, sample_rows=n))
+    if not points:
+        raise ConfigError("no batch size could be measured; give smaller `sizes` or a larger `budget`")
+    result = TuneResult(points, recommend(points), sample_rows or 0, repeats, memory_limit=limit,
+                        elapsed_s=time.perf_counter() - t_start, notes=notes, rows_read=plan.rows)
     if write is not None:
         result.write(write)
     return result
+
+
+class _Budget:
+    """How much tuning may still spend: `share` of the time a full run would take.
+
+    A full run's time is the input's rows (estimated from its bytes and the bytes per row read
+    so far) at the best rate measured; a sample's time is its rows at the last size's rate plus
+    the fixed cost per run seen so far (start-up, pipeline fill, commit).
+    Inputs too small for a share to measure anything get `DEFAULT_MIN_BUDGET_ROWS` rows' worth.
+    """
+
+    def __init__(self, total_bytes: int | None, share: float | None, clock=time.perf_counter) -> None:
+        self.total_bytes = total_bytes
+        self.share = share
+        self.rows = 0
+        self.bytes = 0
+        self.best_rate = 0.0
+        self.last_rate = 0.0
+        self.runs = 0
+        self.work_s = 0.0  # the runs' rows at their steady rates: the rest of the time spent is fixed cost
+        self._clock = clock
+        self._t0 = clock()
+
+    @property
+    def input_rows(self) -> float:
+        """The input's rows, estimated from the bytes per row read so far (inf while unknown)."""
+        if not self.total_bytes or not self.rows or not self.bytes:
+            return float("inf")
+        return self.total_bytes / (self.bytes / self.rows)
+
+    def fits(self, sample: int) -> bool:
+        """True when a run of `sample` rows fits what is left (the first run of all always does)."""
+        if self.share is None or not self.rows or self.best_rate <= 0:
+            return True
+        allowed_s = max(self.share * self.input_rows, DEFAULT_MIN_BUDGET_ROWS) / self.best_rate
+        spent_s = self._clock() - self._t0
+        fixed_s = max(0.0, spent_s - self.work_s) / self.runs if self.runs else 0.0
+        return spent_s + fixed_s + sample / (self.last_rate or self.best_rate) <= allowed_s
+
+    def spent(self, report, rate: float) -> None:
+        """Count a sample run's rows, bytes and rate."""
+        self.rows += report.rows_read
+        self.bytes += report.stages[0].bytes_in if report.stages else 0
+        self.last_rate = rate
+        self.best_rate = max(self.best_rate, rate)
+        self.runs += 1
+        self.work_s += report.rows_read / rate if rate > 0 else 0.0
+
+
+def _sample_for(rows: int, sample_rows: int | None, plan: _Budget) -> int | None:
+    """Rows of one sample run at `rows` per batch: `sample_rows`, or as many batches as fit (None: none fit)."""
+    if sample_rows is not None:
+        return sample_rows if plan.fits(sample_rows) else None
+    for batches in range(DEFAULT_SAMPLE_BATCHES, 1, -1):
+        n = max(DEFAULT_MIN_SAMPLE_ROWS, batches * rows)
+        if plan.fits(n):
+            return n
+    return None
+
+
+def _steady_rate(sample: Pipeline, rows: int):
+    """Run `sample` at `rows` per batch; rows/s from the first batch written to the commit, and the report.
+
+    Start-up and the first batch (which fills the pipeline) are left out: they cost the same
+    per run whatever the size, and would make short runs of small sizes look slower than they are.
+    """
+    seen = []
+    report = sample.run(batch_size=rows, progress=False, overwrite=True, max_error_rate=None, on_progress=seen.append)
+    first = seen[0] if seen else None
+    if (first is None or first.done or report.elapsed_s <= first.elapsed_s
+            or report.rows_written <= first.rows_written):  # one batch: nothing after the first to time
+        return (report.rows_read / report.elapsed_s if report.elapsed_s > 0 else 0.0), report
+    # Source rows behind the output rows written after the first batch (filters keep the ratio).
+    steady = report.rows_read * (report.rows_written - first.rows_written) / report.rows_written
+    return steady / (report.elapsed_s - first.elapsed_s), report
 
 
 def _sample_sink(pipeline: Pipeline, tmp: str) -> tuple[FileSink, str | None]:
@@ -252,11 +373,11 @@ def _sample_sink(pipeline: Pipeline, tmp: str) -> tuple[FileSink, str | None]:
 
 
 def tune_job(job_path: str | os.PathLike, *, sizes: Sequence[int] | None = None,
-             sample_rows: int = DEFAULT_SAMPLE_ROWS, repeats: int = DEFAULT_REPEATS,
-             write: bool = False) -> tuple[TuneResult, Path | None]:
+             sample_rows: int | None = DEFAULT_SAMPLE_ROWS, repeats: int = DEFAULT_REPEATS,
+             budget: float | None = DEFAULT_BUDGET, write: bool = False) -> tuple[TuneResult, Path | None]:
     """Tune a TOML job file; with `write`, store the recommendation in `JOB.tune.json` beside it."""
     from colbatch.config import load_job
 
     pipeline = load_job(job_path)
     target = tune_file(job_path) if write else None
-    return tune(pipeline, sizes=sizes, sample_rows=sample_rows, repeats=repeats, write=target), target
+    return tune(pipeline, sizes=sizes, sample_rows=sample_rows, repeats=repeats, budget=budget, write=target), target

@@ -96,6 +96,21 @@ def test_sizer_grows_only_while_memory_has_room():
     assert sizer.settled
 
 
+def test_sizer_keeps_at_least_16_batches_per_input():
+    sizer = BatchSizer(100_000, memory_limit=1 << 40, rss=FakeRss(100 * MB))
+    sizer.input_bytes = 800_000 * 80  # 800k rows of 80 source bytes
+    rows = sizer()
+    sizer.note_bytes(rows, rows * 100, rows * 80)
+    assert sizer.input_rows() == 800_000
+    assert sizer.rows == 50_000
+    _feed(sizer, lambda rows: rows * 20.0, 60)  # growth would pay, but not past 1/16 of the input
+    assert [rows for _, rows in sizer.history] == [100_000, 50_000]
+    fixed = BatchSizer(100_000, memory_limit=1 << 40, adaptive=False, rss=FakeRss(100 * MB))
+    fixed.input_bytes = 800_000 * 80
+    fixed.note_bytes(100_000, 100_000 * 100, 100_000 * 80)
+    assert fixed.rows == 100_000  # a fixed size is the user's choice
+
+
 def test_memory_error_halves_the_size():
     sizer = BatchSizer(64_000, memory_limit=1 << 40, rss=FakeRss(0))
     sizer.on_memory_error()
@@ -201,6 +216,58 @@ def test_memory_error_in_a_step_retries_the_batch_in_halves_with_exact_accountin
     assert max(oom.calls) > 150  # it did fail, and was retried smaller
     assert report.batch_rows < 400
     assert report.to_dict()["batch_sizes"][0] == [0.0, 400]
+
+
+def udf_out_of_memory_above_150_rows(df: pl.DataFrame) -> pl.DataFrame:
+    """A UDF that raises MemoryError on batches of more than 150 rows (module level: workers import it)."""
+    if df.height > 150:
+        raise MemoryError(f"{df.height} rows")
+    return df.with_columns((pl.col("amount") * 2).alias("doubled"))
+
+
+@pytest.mark.parametrize("executor, workers", [("inline", 1), ("processes", 2)])
+def test_memory_error_in_a_udf_retries_the_batch_smaller_with_exact_accounting(tmp_path, executor, workers):
+    df = make_frame(1000)
+    path = tmp_path / "in.csv"
+    df.write_csv(path)
+    out, rejects = tmp_path / "out.parquet", tmp_path / "rejects.parquet"
+    report = (cb.scan_csv(path, schema=SCHEMA)
+              .validate("amount > 0", name="pos")
+              .map_batches(udf_out_of_memory_above_150_rows, executor=executor, workers=workers)
+              .validate("id % 7 <> 0", name="not7")
+              .sink_parquet(out).sink_rejects(rejects)
+              .run(progress=False, batch_size=400, max_error_rate=None))
+    assert_accounting(report)
+    expected = df.filter((pl.col("amount") > 0) & (pl.col("id") % 7 != 0)).with_columns(
+        (pl.col("amount") * 2).alias("doubled"))
+    written = pl.read_parquet(out)
+    assert written["id"].is_unique().all()
+    assert written.sort("id").equals(expected)
+    # No row was rejected for the MemoryError; the others once each, with their true file lines.
+    rej = pl.read_parquet(rejects)
+    assert "udf" not in report.rejects_by_stage
+    bad = df.filter(~((pl.col("amount") > 0) & (pl.col("id") % 7 != 0)))
+    assert sorted(rej["_line"].to_list()) == sorted((bad["id"] + 1).to_list())
+    udf_stage = next(s for s in report.stages if s.name.startswith("udf"))
+    assert udf_stage.rows_in == udf_stage.rows_out == df.filter(pl.col("amount") > 0).height
+    # The sizer shrank below the failing size, so later batches were read smaller.
+    assert report.batch_rows <= 200
+    assert report.bottleneck["resource"] == "memory"
+    assert "raised MemoryError" in report.bottleneck["verdict"]
+
+
+def test_memory_error_of_a_udf_on_one_row_rejects_that_row_only(tmp_path):
+    def oom_on_id_5(df: pl.DataFrame) -> pl.DataFrame:
+        if (df["id"] == 5).any():
+            raise MemoryError("row 5 is too big")
+        return df
+
+    report = (cb.from_arrow(make_frame(40)).map_batches(oom_on_id_5).foreach_batch(lambda d: None)
+              .run(progress=False, batch_size=16, max_error_rate=None))
+    assert_accounting(report)
+    assert report.rows_written == 39
+    assert report.rejects["_reason"].str.contains("MemoryError").all()
+    assert report.rejects.height == 1
 
 
 def test_memory_error_on_a_single_row_is_raised():

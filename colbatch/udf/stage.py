@@ -3,6 +3,8 @@
 At most `step.in_flight()` batches are submitted and not yet collected, so
 memory does not grow with the input. A batch whose function raises is
 rejected (or bisected down to the failing rows with `isolate_rows`); a batch
+whose function raised `MemoryError` is run again in halves until the parts
+fit, and the runner's batch size shrinks (`on_memory_error`); a batch
 whose worker died or timed out is retried up to `retries` times, then
 rejected. Every rejected row carries stage `udf`, the function and the error.
 """
@@ -50,11 +52,13 @@ class UdfStage:
     """Runs one `MapBatches` step over a stream of batches; see the module docstring."""
 
     def __init__(self, step: MapBatches, metrics: StageMetrics, on_reject: Callable[..., None],
-                 stop: threading.Event, *, keep_rows: bool = True) -> None:
+                 stop: threading.Event, *, keep_rows: bool = True,
+                 on_memory_error: Callable[[int], None] | None = None) -> None:
         self.step = step
         # Whether a later step needs the row positions (to name reject lines); without one, the output
         # skips the position column, a copy of every batch that I/O-bound UDFs would pay per batch.
         self.keep_rows = keep_rows
+        self._on_memory_error = on_memory_error
         self.metrics = metrics
         self._on_reject = on_reject
         self._stop = stop
@@ -165,7 +169,9 @@ class UdfStage:
                 item.future, item.started = self._backend.submit(item.df), time.perf_counter()
                 return None
             result = Failure(type(exc).__name__, f"{exc} (after {item.attempts} attempt(s))", "")
-        if isinstance(result, Failure) and self.step.isolate_rows and item.df.height > 1:
+        if isinstance(result, Failure) and item.df.height > 1 and (self.step.isolate_rows or _oom(result)):
+            if _oom(result) and self._on_memory_error is not None:
+                self._on_memory_error(item.df.height)
             return self._bisect(item)
         m = self.metrics
         m.rows_in += item.df.height
@@ -176,7 +182,11 @@ class UdfStage:
         return self._output(item, [(item.positions, item.df.height, result)])
 
     def _bisect(self, item: _Item) -> Batch:
-        """Split a failed batch until the failing rows are alone; reject those, keep the rest."""
+        """Split a failed batch until the parts succeed or the failing rows are alone; reject those, keep the rest.
+
+        A part that ran out of memory is always split again; one that failed otherwise only with
+        `isolate_rows` (else it is rejected whole). Each row ends up in exactly one output or reject.
+        """
         m = self.metrics
         m.rows_in += item.df.height
         parts: list[tuple[np.ndarray, int, pl.DataFrame]] = []
@@ -192,11 +202,13 @@ class UdfStage:
                 result = self._wait_one(fut)
                 if not isinstance(result, Failure):
                     parts.append((item.positions[lo:hi], hi - lo, result))
-                elif hi - lo > 1:
+                elif hi - lo > 1 and (self.step.isolate_rows or _oom(result)):
+                    if _oom(result) and self._on_memory_error is not None:
+                        self._on_memory_error(hi - lo)
                     todo.append((lo, hi))
                 else:
-                    self._reject(item, item.positions[lo:hi], item.df.slice(lo, 1), result)
-                    m.rows_rejected += 1
+                    self._reject(item, item.positions[lo:hi], item.df.slice(lo, hi - lo), result)
+                    m.rows_rejected += hi - lo
         parts.sort(key=lambda p: int(p[0][0]))
         return self._output(item, parts)
 
@@ -252,6 +264,11 @@ class UdfStage:
         reason = f"udf `{self.step.function}` failed: {failure.error_type}: {failure.message}"
         self._on_reject(reject_frame(source=b.split.path or b.split.id, lines=b.lines_of(positions), stage="udf",
                                      reasons=reason, values=df), (b.split.index, b.first_row))
+
+
+def _oom(result: object) -> bool:
+    """True when the user's function ran out of memory (worth a retry on fewer rows)."""
+    return isinstance(result, Failure) and result.error_type == "MemoryError"
 
 
 def _failed(exc: BaseException) -> Future:
