@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import duckdb
+from colbatch.lazy import duckdb
 import polars as pl
 import pyarrow as pa
 

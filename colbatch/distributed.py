@@ -40,7 +40,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-import cloudpickle
+from colbatch.lazy import cloudpickle
 import polars as pl
 
 from colbatch import faults

@@ -7,7 +7,7 @@ names is formatted into SQL raw.
 
 from __future__ import annotations
 
-import duckdb
+from colbatch.lazy import duckdb
 import polars as pl
 
 # Partition column types recorded in manifests, so `007` stays text and `1` stays an integer on read.

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-import duckdb
+from colbatch.lazy import duckdb
 import polars as pl
 
 from colbatch.duck import connect, quote_ident, quote_literal

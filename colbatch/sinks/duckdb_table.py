@@ -22,7 +22,7 @@ import json
 import os
 from typing import Any, Literal
 
-import duckdb
+from colbatch.lazy import duckdb
 import polars as pl
 
 from colbatch import faults

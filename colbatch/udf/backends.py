@@ -12,7 +12,7 @@ import threading
 from concurrent.futures import BrokenExecutor, Executor, Future, ThreadPoolExecutor
 from typing import Any
 
-import cloudpickle
+from colbatch.lazy import cloudpickle
 import polars as pl
 
 from colbatch.errors import ConfigError, MissingDependencyError

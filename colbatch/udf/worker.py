@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-import cloudpickle
+from colbatch.lazy import cloudpickle
 import polars as pl
 
 from colbatch.udf.transport import attach, from_ipc_bytes, ipc_size, read_ipc, to_arrow, to_ipc_bytes, write_ipc
