@@ -2,7 +2,17 @@
 
 Columns: `job_id`, `split`, `first_row`, `row_count` (source records the unit
 covers), `rows_loaded`, `rows_rejected`, `complete` (the split is done),
-`fingerprint` (of the job definition), `target`, `committed_at`.
+`fingerprint` (of the job definition), `target`, `committed_at`, `rejects` (the
+durable rejects part of the unit, see `colbatch.rejects.RejectParts`; added to a
+ledger table of an older version when missing).
+
+Rows with a negative `first_row` are not units: `-1` says the job finished
+(split `FINISHED_SPLIT`); `-2` is the running job's progress mark for a split
+(split `MARK_PREFIX + split`, `row_count` = the end of the records sent to the
+sink, committed or not), written outside the unit transactions by the lock's
+session so that it survives a killed run; the next run reads it to report
+`rows_redone`. (The prefix keeps the marks off real splits for a reader that
+does not know them.)
 """
 
 from __future__ import annotations
@@ -16,6 +26,9 @@ from colbatch.ledger import Committed, JobIdentity, SplitState, contiguous_rows
 DEFAULT_LEDGER_TABLE = "colbatch_ledger"
 # The row that says a job finished (committed its last unit): no real split has this id or a negative first row.
 FINISHED_SPLIT = "(job finished)"
+# `first_row` of a progress mark (records sent to the sink, committed or not); see the module docstring.
+MARK_ROW = -2
+MARK_PREFIX = "(sent) "
 
 
 class PgLedger:
@@ -35,25 +48,38 @@ class PgLedger:
             "CREATE TABLE IF NOT EXISTS {} (job_id text NOT NULL, split text NOT NULL, first_row bigint NOT NULL, "
             "row_count bigint NOT NULL, rows_loaded bigint NOT NULL DEFAULT 0, rows_rejected bigint NOT NULL DEFAULT 0, "
             "complete boolean NOT NULL DEFAULT false, fingerprint text NOT NULL, target text NOT NULL, "
-            "committed_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (job_id, split, first_row))"
+            "committed_at timestamptz NOT NULL DEFAULT now(), rejects text, "
+            "PRIMARY KEY (job_id, split, first_row))"
         ).format(self.ident)
         for attempt in range(3):
             try:
                 conn.execute(ddl)
                 conn.commit()
+                self._upgrade(conn)
                 return
             except psycopg.errors.UniqueViolation:  # two sessions created it at once; the other one won
                 conn.rollback()
                 if attempt == 2:
                     raise
 
+    def _upgrade(self, conn: Any) -> None:
+        """Add the `rejects` column to a ledger table of an older version (ALTER only when it is missing)."""
+        from psycopg import sql
+
+        found = conn.execute("SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = 'rejects' "
+                             "AND NOT attisdropped", (self.ident.as_string(conn),)).fetchone()
+        conn.commit()
+        if found is None:  # checked first: ALTER TABLE takes an exclusive lock even when it has nothing to do
+            conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS rejects text").format(self.ident))
+            conn.commit()
+
     def committed(self, conn: Any, job: JobIdentity) -> Committed:
         """What the ledger holds for `job`; CheckpointError when it was written by a different job definition."""
         from psycopg import sql
 
         rows = conn.execute(sql.SQL("SELECT split, first_row, row_count, complete, fingerprint FROM {} "
-                                    "WHERE job_id = %s AND split <> %s").format(self.ident),
-                            (job.job_id, FINISHED_SPLIT)).fetchall()
+                                    "WHERE job_id = %s AND first_row >= 0").format(self.ident),
+                            (job.job_id,)).fetchall()
         conn.commit()
         prints = {r[4] for r in rows}
         if prints - {job.fingerprint}:
@@ -69,6 +95,31 @@ class PgLedger:
                 complete.add(split)
         return Committed(splits={s: SplitState(contiguous_rows(r), s in complete) for s, r in ranges.items()})
 
+    def reject_parts(self, conn: Any, job_id: str) -> list[str]:
+        """The durable rejects parts the committed units of `job_id` name, in a stable order."""
+        from psycopg import sql
+
+        rows = conn.execute(sql.SQL("SELECT rejects FROM {} WHERE job_id = %s AND first_row >= 0 AND rejects IS NOT "
+                                    "NULL ORDER BY rejects").format(self.ident), (job_id,)).fetchall()
+        return [r[0] for r in rows]
+
+    def take_marks(self, conn: Any, job_id: str) -> dict[str, int]:
+        """Read and delete the progress marks a previous run of `job_id` left: split → end of records sent."""
+        from psycopg import sql
+
+        rows = conn.execute(sql.SQL("DELETE FROM {} WHERE job_id = %s AND first_row = %s RETURNING split, row_count")
+                            .format(self.ident), (job_id, MARK_ROW)).fetchall()
+        return {split.removeprefix(MARK_PREFIX): end for split, end in rows}
+
+    def mark(self, conn: Any, job: JobIdentity, target: str, split: str, end_row: int) -> None:
+        """Note (on an autocommit connection, outside the unit transactions) that records before `end_row` were sent."""
+        from psycopg import sql
+
+        conn.execute(sql.SQL(
+            "INSERT INTO {} (job_id, split, first_row, row_count, fingerprint, target) VALUES (%s, %s, %s, %s, %s, %s) "
+            "ON CONFLICT (job_id, split, first_row) DO UPDATE SET row_count = EXCLUDED.row_count").format(self.ident),
+            (job.job_id, MARK_PREFIX + split, MARK_ROW, end_row, job.fingerprint, target))
+
     def forget(self, conn: Any, job_id: str) -> None:
         """Delete a job's rows (a fresh run, or a finished `replace`) in the caller's transaction."""
         from psycopg import sql
@@ -76,15 +127,16 @@ class PgLedger:
         conn.execute(sql.SQL("DELETE FROM {} WHERE job_id = %s").format(self.ident), (job_id,))
 
     def record(self, cur: Any, job: JobIdentity, target: str, split: str, first_row: int, row_count: int,
-               loaded: int, rejected: int, *, complete: bool = False) -> None:
-        """Record a unit in the caller's transaction (the one that loaded its rows)."""
+               loaded: int, rejected: int, *, complete: bool = False, rejects: str | None = None) -> None:
+        """Record a unit and the name of its rejects part in the caller's transaction (the one that loaded its rows)."""
         from psycopg import sql
 
         cur.execute(sql.SQL(
-            "INSERT INTO {} AS l (job_id, split, first_row, row_count, rows_loaded, rows_rejected, complete, fingerprint, "
-            "target) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (job_id, split, first_row) DO UPDATE "
-            "SET complete = l.complete OR EXCLUDED.complete").format(self.ident),
-            (job.job_id, split, first_row, row_count, loaded, rejected, complete, job.fingerprint, target))
+            "INSERT INTO {} AS l (job_id, split, first_row, row_count, rows_loaded, rows_rejected, complete, "
+            "fingerprint, target, rejects) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+            "ON CONFLICT (job_id, split, first_row) DO UPDATE SET complete = l.complete OR EXCLUDED.complete, "
+            "rejects = coalesce(l.rejects, EXCLUDED.rejects)").format(self.ident),
+            (job.job_id, split, first_row, row_count, loaded, rejected, complete, job.fingerprint, target, rejects))
 
     def has_unit(self, cur: Any, job_id: str, split: str, first_row: int) -> bool:
         """True when the unit is already committed (its commit succeeded though the client saw an error)."""
@@ -94,7 +146,11 @@ class PgLedger:
                            .format(self.ident), (job_id, split, first_row)).fetchone() is not None
 
     def finish(self, cur: Any, job: JobIdentity, target: str) -> None:
-        """Record that `job` finished, in the caller's transaction (its last one)."""
+        """Record that `job` finished (its progress marks go), in the caller's transaction (its last one)."""
+        from psycopg import sql
+
+        cur.execute(sql.SQL("DELETE FROM {} WHERE job_id = %s AND first_row = %s").format(self.ident),
+                    (job.job_id, MARK_ROW))
         self.record(cur, job, target, FINISHED_SPLIT, -1, 0, 0, 0, complete=True)
 
     def is_finished(self, conn: Any, job: JobIdentity) -> bool:

@@ -15,6 +15,16 @@ Before a unit is sent, the table's cheap constraints are checked on it in Arrow
 (`colbatch.pg.screen`), so rows that would fail are COPYed on their own and the
 rest in one piece. A finished job run again is a no-op (its ledger holds a
 finished row), and a session advisory lock on the table keeps a second run off it.
+
+Durable rejects (a `[rejects]` file, see `colbatch.rejects.RejectParts`): inside a
+unit's transaction, once its COPY has found the rows the server refuses, the
+rejects of every record up to the unit's end (read, cast, validate and UDF rejects
+held by the runner, plus these `load` rejects) are published as a part whose name
+goes into the unit's ledger row; the transaction then commits. A part whose
+transaction never commits is not in the ledger, and a resumed run removes it.
+The parts are merged into the rejects file before the ledger says finished.
+Before each unit, the lock's session notes how far the sink has been sent (a
+ledger mark outside the unit transactions), so a resumed run reports `rows_redone`.
 """
 
 from __future__ import annotations
@@ -72,6 +82,7 @@ class PostgresSink(Sink):
     supports_resume = True
     # Rows arrive with their position as read (ROW_COL), so load rejects name their source line.
     needs_rows = True
+    durable_rejects = True
 
     def __init__(self, dsn: str, table: str, *, mode: Mode = "append", key: str | Sequence[str] | None = None,
                  schema: str | None = None, retries: int = DEFAULT_RETRIES, backoff_s: float = DEFAULT_BACKOFF_S,
@@ -102,6 +113,8 @@ class PostgresSink(Sink):
         self._columns: list[str] = []
         self._screen: Screen | None = None
         self._lock_conn: Any = None
+        # Durable rejects parts named by committed units (listed by the ledger on resume, then this run's).
+        self._parts: list[str] = []
 
     # -- description ------------------------------------------------------------------------
 
@@ -166,15 +179,25 @@ class PostgresSink(Sink):
     # -- lifecycle --------------------------------------------------------------------------
 
     def begin(self, job: JobIdentity, *, resume: bool) -> Committed:
-        """Create the ledger table if needed; with `resume`, return this job's committed units, else forget them."""
+        """Create the ledger table if needed; with `resume`, return this job's committed units, else forget them.
+
+        A resumed run's `Committed.redone` counts the records the killed run had sent past its
+        committed units (its progress marks), which this run reads again.
+        """
         self._job, self._resume = job, resume
         self._lock()
 
         def work(cur: Any, _: int) -> Committed:
-            if resume:
-                return self._ledger.committed(cur.connection, job)
-            self._ledger.forget(cur, job.job_id)
-            return Committed()
+            if not resume:
+                self._ledger.forget(cur, job.job_id)
+                self._parts = []
+                return Committed()
+            committed = self._ledger.committed(cur.connection, job)  # refuses a changed job before anything changes
+            self._parts = self._ledger.reject_parts(cur, job.job_id)
+            for split, end in self._ledger.take_marks(cur, job.job_id).items():
+                skip = committed.skip_for(split)
+                committed.redone += 0 if skip is None else max(0, end - skip)
+            return committed
 
         self._transact(lambda cur, _: self._ledger.ensure(cur.connection), "creating the ledger table")
         return self._transact(work, "reading the ledger")
@@ -211,7 +234,20 @@ class PostgresSink(Sink):
             conn.close()
             raise CheckpointError(f"table `{where}` is locked by another running job; wait for it to finish "
                                   f"(advisory lock {key})", table=self.table)
+        try:  # the progress marks written on this session only have to outlive the client, not the server
+            conn.execute("SET synchronous_commit = off")
+        except Exception:  # marks are then flushed like any commit: slower, not wrong
+            pass
         self._lock_conn, self._lock_key = conn, key
+
+    def _mark(self, split: str, end_row: int) -> None:
+        """Note that the records of `split` before `end_row` are being sent (best effort: it only feeds the report)."""
+        if self._lock_conn is None or self._job is None:
+            return
+        try:
+            self._ledger.mark(self._lock_conn, self._job, self.describe(), split, end_row)
+        except Exception as exc:  # a lost lock session: the load goes on, rows_redone may read low on resume
+            log.debug("progress mark not written: %s", scrub(str(exc), self._dsn))
 
     def _unlock(self) -> None:
         conn, self._lock_conn = self._lock_conn, None
@@ -260,6 +296,8 @@ class PostgresSink(Sink):
                               conform(pl.DataFrame(schema=schema), self._types)[0])
         self._loader = IsolatingLoader(self._copy_sql(), stats=self.stats,
                                        after_copy=self._merge if self.mode == "upsert" else None)
+        if self.reject_units is not None:
+            self.reject_units.start(keep=self._parts)
 
     def _prepare(self, cur: Any, schema: pl.Schema) -> None:
         from psycopg import sql
@@ -317,9 +355,11 @@ class PostgresSink(Sink):
             self._ident(self.table), cols, keys, cols, keys, keys, action))
 
     def write(self, batch: Batch) -> None:
-        """COPY one batch as one unit, with its ledger row, in one transaction (retried when transient)."""
+        """COPY one batch as one unit with its ledger row and rejects part in one transaction (retried if transient)."""
         assert self._job is not None
         job = self._job
+        end_row = batch.first_row + batch.rows_read
+        self._mark(batch.split.id, end_row)
         # Positions of the rows in the batch as read (earlier steps may have filtered or rejected some).
         read_pos = batch.data[ROW_COL].to_numpy().astype(np.int64) if ROW_COL in batch.data.columns else None
         df = batch.data.select(self._columns)
@@ -328,7 +368,7 @@ class PostgresSink(Sink):
         frame = cast if lost is None else cast.filter(pl.Series(~lost))
         frame, positions, pieces = self._screened(frame, positions)
         encoded = encode(frame, self._types, self._typnames)
-        outcome: dict[str, UnitResult] = {}
+        outcome: dict[str, Any] = {}
 
         def work(cur: Any, attempt: int) -> UnitResult:
             if attempt and "result" in outcome and self._ledger.has_unit(cur, job.job_id, batch.split.id,
@@ -337,20 +377,47 @@ class PostgresSink(Sink):
             if self.mode == "upsert":
                 self._create_stage(cur)
             result = self._loader.load(cur, encoded, pieces)
-            rejected = len(result.bad) + (0 if lost is None else int(lost.sum()))
+            bad = [(int(positions[b.index]), f"SQLSTATE {b.sqlstate}: {b.message}") for b in result.bad]
+            if lost is not None:
+                bad += [(int(i), "SQLSTATE 22003: value out of range for the column's PostgreSQL type")
+                        for i in np.flatnonzero(lost)]
+            bad.sort()
+            part = self._cut(batch, df, bad, read_pos, outcome) if self.reject_units is not None else None
             self._ledger.record(cur, job, self.describe(), batch.split.id, batch.first_row, batch.rows_read,
-                                result.loaded, rejected)
-            outcome["result"] = result
+                                result.loaded, len(bad), rejects=part)
+            outcome["result"], outcome["bad"] = result, bad
             return result
 
         result = self._transact(work, f"rows {batch.first_row}+ of split `{batch.split.id}`")
         self._rows += result.loaded
-        bad = [(int(positions[b.index]), f"SQLSTATE {b.sqlstate}: {b.message}") for b in result.bad]
-        if lost is not None:
-            bad += [(int(i), "SQLSTATE 22003: value out of range for the column's PostgreSQL type")
-                    for i in np.flatnonzero(lost)]
+        bad = outcome["bad"]
+        if outcome.get("part"):
+            self._parts.append(outcome["part"])
+        if self.reject_units is not None:
+            self._rejected += len(bad)  # already with the runner's rejects, in the committed part
+        elif bad:
+            self._reject(batch, df, bad, read_pos)
+
+    def _cut(self, batch: Batch, df: pl.DataFrame, bad: list[tuple[int, str]], read_pos: np.ndarray | None,
+             outcome: dict[str, Any]) -> str | None:
+        """Inside the unit's transaction: publish the rejects part of the unit (its own load rejects included).
+
+        The part is cut once per unit; a retried transaction names the same part, after checking that
+        the server refused the same rows again (the attempts see the same table: the failed one rolled back).
+        """
+        assert self.reject_units is not None
+        if "cut" in outcome:
+            if [i for i, _ in bad] != outcome["cut"]:
+                raise SinkError(f"PostgreSQL refused other rows of rows {batch.first_row}+ of split "
+                                f"`{batch.split.id}` when the unit was retried (was another session writing to "
+                                f"`{self.table}`?); run the job again with resume", table=self.table)
+            return outcome["part"]
         if bad:
-            self._reject(batch, df, sorted(bad), read_pos)
+            self.reject_units.collector.add(self._reject_frame(batch, df, bad, read_pos),
+                                            at=(batch.split.index, batch.first_row))
+        outcome["part"] = self.reject_units.cut(batch.split.index, batch.first_row + batch.rows_read)
+        outcome["cut"] = [i for i, _ in bad]
+        return outcome["part"]
 
     def _screened(self, frame: pl.DataFrame, positions: np.ndarray
                   ) -> tuple[pl.DataFrame, np.ndarray, list[tuple[int, int]] | None]:
@@ -374,30 +441,45 @@ class PostgresSink(Sink):
 
     def _reject(self, batch: Batch, df: pl.DataFrame, bad: list[tuple[int, str]], read_pos: np.ndarray | None) -> None:
         self._rejected += len(bad)
-        if self.on_reject is None:
-            return
+        if self.on_reject is not None:
+            self.on_reject(self._reject_frame(batch, df, bad, read_pos))
+
+    def _reject_frame(self, batch: Batch, df: pl.DataFrame, bad: list[tuple[int, str]],
+                      read_pos: np.ndarray | None) -> pl.DataFrame:
+        """Load rejects of `batch` (positions in `df` with reasons), with their source lines."""
         idx = np.array([i for i, _ in bad], dtype=np.int64)
         reasons = pl.Series("_reason", [scrub(r, self._dsn) for _, r in bad], dtype=pl.String)
         lines = batch.lines_of(idx if read_pos is None else read_pos[idx])
-        self.on_reject(reject_frame(source=batch.split.path or batch.split.id, lines=lines,
-                                    stage="load", reasons=reasons, values=df[idx]))
+        return reject_frame(source=batch.split.path or batch.split.id, lines=lines, stage="load", reasons=reasons,
+                            values=df[idx])
 
     def split_done(self, split: Split, rows: int) -> None:
-        """Mark `split` complete in the ledger, so a resumed run skips it without reading it."""
+        """Mark `split` complete in the ledger, so a resumed run skips it without reading it.
+
+        Rejects of records after the split's last unit (a last batch rejected whole) go in a part named here.
+        """
         assert self._job is not None
         job = self._job
+        part = self.reject_units.cut(split.index, rows) if self.reject_units is not None else None
         self._transact(lambda cur, _: self._ledger.record(cur, job, self.describe(), split.id, rows, 0, 0, 0,
-                                                          complete=True), f"closing split `{split.id}`")
+                                                          complete=True, rejects=part), f"closing split `{split.id}`")
+        if part:
+            self._parts.append(part)
 
     def commit(self) -> SinkResult:
         """Units are already committed; `replace` now swaps the staging table in, atomically."""
         assert self._job is not None
         job = self._job
+        if self.reject_units is not None:
+            # Before the ledger says finished: a kill in between redoes this merge, from the same parts.
+            self.reject_units.publish(sorted(set(self._parts)))
         if self.mode == "replace":
             self._transact(self._swap, "replacing the table")
         else:
             self._transact(lambda cur, _: self._ledger.finish(cur, job, self.describe()), "finishing the job")
         self._close()
+        if self.reject_units is not None:
+            self.reject_units.cleanup()
         return SinkResult(rows=self._rows, target=self.describe(), rejected=self._rejected)
 
     def _swap(self, cur: Any, _: int) -> None:

@@ -492,3 +492,84 @@ def test_postgres_second_run_on_a_locked_table_fails_at_once(pg_dsn, pg_schema):
     with pytest.raises(RuntimeError, match="source died"):
         cb.from_batches(failing, name="dies").sink_postgres(pg_dsn, "l", schema=pg_schema).run(progress=False)
     assert cb.from_arrow(df).sink_postgres(pg_dsn, "l", schema=pg_schema).run(progress=False).rows_written == 600
+
+
+def _rejects_table(dsn, schema, name):
+    pg_query(dsn, sql.SQL("CREATE TABLE {} (id bigint, amount double precision, type text, "
+                          "CONSTRAINT not_97 CHECK (id % 97 <> 0))").format(_ident(schema, name)))
+
+
+def test_postgres_load_rejects_are_cut_into_parts_named_by_the_units_ledger_rows(pg_dsn, pg_schema, tmp_path):
+    _rejects_table(pg_dsn, pg_schema, "d")
+    df = make_frame(2000)
+    rejects = tmp_path / "rejects.parquet"
+    pipeline = (cb.from_batches(lambda: (df.slice(s, 200) for s in range(0, 2000, 200)), name="durable")
+                .validate(pl.col("id") % 250 != 1, name="not_1")
+                .sink_postgres(pg_dsn, "d", schema=pg_schema).sink_rejects(rejects))
+    report = pipeline.run(progress=False, batch_size=200)
+    assert_accounting(report)
+    got = pl.read_parquet(rejects).sort("_line")
+    assert got.filter(pl.col("_stage") == "load")["id"].to_list() == [str(i) for i in range(97, 2001, 97)]
+    assert got.filter(pl.col("_stage") == "validate")["id"].to_list() == [str(i) for i in range(1, 2001, 250)]
+    assert all("SQLSTATE 23514" in r for r in got.filter(pl.col("_stage") == "load")["_reason"])
+    assert report.rows_rejected == got.height == 20 + 8 and report.rejects_by_stage == {"load": 20, "validate": 8}
+    ledger = _ident(pg_schema, "colbatch_ledger")
+    units = pg_query(pg_dsn, sql.SQL("SELECT first_row, rows_rejected, rejects FROM {} WHERE first_row >= 0 "
+                                     "AND row_count > 0 ORDER BY first_row").format(ledger))
+    assert len(units) == 10 and all(name is not None for _, _, name in units)  # every unit here has rejects
+    assert [n for _, n, _ in units] == [2, 2, 2, 2, 2, 2, 2, 2, 2, 2]  # load rejects per unit (97, 194, ...)
+    assert not any(p.name.endswith(".colbatch-parts") for p in tmp_path.iterdir())  # merged, then removed
+
+
+def test_postgres_unit_retried_after_its_rejects_part_was_cut_keeps_each_reject_once(
+        pg_dsn, pg_schema, tmp_path, monkeypatch):
+    from colbatch.pg.ledger import PgLedger
+
+    _rejects_table(pg_dsn, pg_schema, "r")
+    df = make_frame(2000)
+    record = PgLedger.record
+    terminated = []
+
+    def record_after_losing_the_connection(self, cur, *args, **kwargs):
+        # The unit's part is published by now; the server ends the session before the ledger row is written.
+        if kwargs.get("rejects") and not terminated:
+            pid = cur.connection.info.backend_pid
+            terminated.append(pg_query(pg_dsn, "SELECT pg_terminate_backend(%s)", (pid,)))
+        return record(self, cur, *args, **kwargs)
+
+    monkeypatch.setattr(PgLedger, "record", record_after_losing_the_connection)
+    rejects = tmp_path / "rejects.parquet"
+    pipeline = (cb.from_batches(lambda: (df.slice(s, 500) for s in range(0, 2000, 500)), name="retried")
+                .sink_postgres(pg_dsn, "r", schema=pg_schema, backoff_s=0.01).sink_rejects(rejects))
+    report = pipeline.run(progress=False, batch_size=500)
+    assert_accounting(report)
+    assert terminated and pipeline.sink.reconnects >= 1
+    assert sorted(pl.read_parquet(rejects)["id"].cast(pl.Int64).to_list()) == list(range(97, 2001, 97))
+    assert report.rows_rejected == 20 and _count(pg_dsn, pg_schema, "r") == 2000 - 20
+
+
+def test_postgres_ledger_of_an_older_version_gains_the_rejects_column_and_resumes(pg_dsn, pg_schema):
+    df = make_frame(1000)
+    fail = {"on": True}
+
+    def batches():
+        for start in range(0, 1000, 100):
+            if start == 500 and fail["on"]:
+                raise RuntimeError("crash")
+            yield df.slice(start, 100)
+
+    pipeline = cb.from_batches(batches, name="old-ledger").sink_postgres(pg_dsn, "o", schema=pg_schema)
+    with pytest.raises(RuntimeError):
+        pipeline.run(progress=False, batch_size=100)
+    ledger = _ident(pg_schema, "colbatch_ledger")
+    # The ledger as an older version left it: no `rejects` column.
+    pg_query(pg_dsn, sql.SQL("ALTER TABLE {} DROP COLUMN rejects").format(ledger))
+    done = _count(pg_dsn, pg_schema, "o")
+    assert done > 0
+    fail["on"] = False
+    report = pipeline.run(progress=False, batch_size=100, resume=True)
+    assert report.rows_resumed == done and report.rows_written == 1000 - done
+    assert pg_frame(pg_dsn, pg_schema, "o", order_by="id")["id"].to_list() == list(range(1, 1001))
+    columns = pg_query(pg_dsn, "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND "
+                               "table_name = 'colbatch_ledger' AND column_name = 'rejects'", (pg_schema,))
+    assert columns == [("rejects",)]
