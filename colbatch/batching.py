@@ -50,6 +50,10 @@ DEFAULT_AVAILABLE_SHARE = 0.5
 # At least 16 batches per input: the last batch drains through every stage alone and worker pools
 # need several batches in flight, so one batch should be at most ~6% of the run.
 DEFAULT_MIN_BATCHES = 16
+# An adaptive size grows no further once a batch holds this many bytes in memory: past tens of MiB
+# per batch throughput is flat (the engines parallelise within a batch) while peak RSS keeps
+# rising with batch size, so peak RSS stays flat as the input grows.
+DEFAULT_MAX_GROWTH_BYTES = 32 << 20
 # Suffix of the file `colbatch tune --write` stores next to a job file.
 TUNE_SUFFIX = ".tune.json"
 
@@ -247,6 +251,8 @@ class BatchSizer:
     def _has_room(self, rows: int) -> bool:
         if not self.bytes_per_row:
             return True
+        if rows * self.bytes_per_row > DEFAULT_MAX_GROWTH_BYTES:
+            return False
         cap = self.budget_rows()
         if cap is not None and rows > cap:
             return False

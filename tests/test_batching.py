@@ -96,6 +96,17 @@ def test_sizer_grows_only_while_memory_has_room():
     assert sizer.settled
 
 
+def test_sizer_grows_no_further_than_the_byte_ceiling():
+    from colbatch.batching import DEFAULT_MAX_GROWTH_BYTES
+
+    sizer = BatchSizer(25_000, memory_limit=1 << 40, rss=FakeRss(100 * MB))
+    sizer.note_bytes(25_000, 25_000 * 200)  # 200 bytes per row: the ceiling is at ~168k rows
+    _feed(sizer, lambda rows: rows * 20.0, 60)  # throughput would keep improving with size
+    assert [rows for _, rows in sizer.history] == [25_000, 50_000, 100_000]
+    assert sizer.settled
+    assert 100_000 * 200 <= DEFAULT_MAX_GROWTH_BYTES < 200_000 * 200
+
+
 def test_sizer_keeps_at_least_16_batches_per_input():
     sizer = BatchSizer(100_000, memory_limit=1 << 40, rss=FakeRss(100 * MB))
     sizer.input_bytes = 800_000 * 80  # 800k rows of 80 source bytes
