@@ -6,7 +6,11 @@ Example:
     >>> print(report)
 """
 
-from colbatch.alerts import Progress, RunWarning
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from colbatch.errors import (
     CheckpointError,
     ColbatchError,
@@ -18,11 +22,38 @@ from colbatch.errors import (
     SourceError,
     UdfError,
 )
-from colbatch.io import from_arrow, from_batches, scan_csv, scan_ipc, scan_ndjson, scan_parquet, scan_postgres
-from colbatch.pipeline import Pipeline
-from colbatch.query import Output, open_output
-from colbatch.report import Report
-from colbatch.tune import TuneResult, tune
+
+if TYPE_CHECKING:
+    from colbatch.alerts import Progress, RunWarning
+    from colbatch.io import from_arrow, from_batches, scan_csv, scan_ipc, scan_ndjson, scan_parquet, scan_postgres
+    from colbatch.pipeline import Pipeline
+    from colbatch.query import Output, open_output
+    from colbatch.report import Report
+    from colbatch.tuning import TuneResult, tune
+
+# The public names, imported on first use: a UDF worker process imports `colbatch.udf.worker`, which
+# imports this package first, and should not pay for the whole engine (~80 ms of CPU per worker).
+_LAZY = {
+    "Progress": "colbatch.alerts", "RunWarning": "colbatch.alerts",
+    "from_arrow": "colbatch.io", "from_batches": "colbatch.io", "scan_csv": "colbatch.io", "scan_ipc": "colbatch.io",
+    "scan_ndjson": "colbatch.io", "scan_parquet": "colbatch.io", "scan_postgres": "colbatch.io",
+    "Pipeline": "colbatch.pipeline", "Output": "colbatch.query", "open_output": "colbatch.query",
+    "Report": "colbatch.report", "TuneResult": "colbatch.tuning", "tune": "colbatch.tuning",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'colbatch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 

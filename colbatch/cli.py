@@ -136,7 +136,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from colbatch.tune import DEFAULT_REPEATS, DEFAULT_SAMPLE_ROWS, tune_job
+    from colbatch.tuning import DEFAULT_REPEATS, DEFAULT_SAMPLE_ROWS, tune_job
 
     try:
         sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else None

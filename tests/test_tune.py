@@ -13,7 +13,7 @@ import pytest
 import colbatch as cb
 from colbatch.cli import main
 from colbatch.config import load_job
-from colbatch.tune import TunePoint, recommend
+from colbatch.tuning import TunePoint, recommend
 from tests.conftest import SCHEMA, make_frame
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -64,7 +64,7 @@ def test_tune_never_calls_a_non_file_sink_and_says_so(csv_path):
 
 
 def test_sample_source_stops_after_the_first_rows_and_restarts_per_run(csv_path):
-    from colbatch.tune import _Head
+    from colbatch.tuning import _Head
 
     head = _Head(cb.scan_csv(csv_path, schema=SCHEMA).source, 5_000)
     for _ in range(2):
@@ -117,7 +117,7 @@ def test_python_m_colbatch_tune_help_runs():
 def test_tune_budget_is_a_share_of_a_full_runs_time(monkeypatch):
     from types import SimpleNamespace
 
-    tune_mod = sys.modules["colbatch.tune"]  # `colbatch.tune` is also the function's name
+    tune_mod = sys.modules["colbatch.tuning"]
     monkeypatch.setattr(tune_mod, "DEFAULT_MIN_BUDGET_ROWS", 0)
     now = [0.0]
     plan = tune_mod._Budget(1_000_000, 0.1, clock=lambda: now[0])
@@ -137,7 +137,7 @@ def test_tune_budget_is_a_share_of_a_full_runs_time(monkeypatch):
 
 
 def test_tune_notes_every_size_it_left_out(tmp_path, monkeypatch):
-    tune_mod = sys.modules["colbatch.tune"]
+    tune_mod = sys.modules["colbatch.tuning"]
     monkeypatch.setattr(tune_mod, "DEFAULT_MIN_BUDGET_ROWS", 0)
     path = tmp_path / "in.csv"
     make_frame(100_000).write_csv(path)

@@ -87,7 +87,7 @@ def _pipeline(spec: dict[str, Any]):
 
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one job (or the tuner) in this interpreter and return its figures."""
-    from colbatch.tune import tune
+    from colbatch.tuning import tune
 
     pipeline = _pipeline(spec)
     if spec.get("tune"):
