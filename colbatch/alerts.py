@@ -9,7 +9,7 @@ warnings are raised, each at most once per run, as a log warning
 * `memory`: RSS (process and workers) passed `DEFAULT_MEMORY_NEAR` of the memory
   limit (`memory_limit`, or the budget the run chose without one);
 * `throughput`: the rate over the last few batches fell below
-  `DEFAULT_DROP_FACTOR` of the run's median rate (see `ThroughputDrop`).
+  `DEFAULT_DROP_FACTOR` of the run's pace (see `ThroughputDrop`).
 
 `on_progress` gets a `Progress` snapshot after the first batch, then at most
 every `DEFAULT_PROGRESS_INTERVAL_S`, and once more when the run succeeded.
@@ -19,9 +19,7 @@ outputs are not committed), which is how a hook can abort a job.
 
 from __future__ import annotations
 
-import itertools
 import logging
-import statistics
 import time
 from collections import deque
 from collections.abc import Callable
@@ -41,13 +39,17 @@ DEFAULT_MEMORY_NEAR = 0.9
 DEFAULT_DROP_FACTOR = 1 / 3
 # The first batches fill the queues and start the workers: their spacing is not the steady rate.
 DEFAULT_WARMUP_BATCHES = 3
-# Batch rates the run's median needs before a drop is judged, so a short run never warns.
+# Batches after the warm-up a drop needs before it is judged, so a short run never warns.
 DEFAULT_BASELINE_BATCHES = 8
-# The recent rate is the median of the last 5 batches: up to two slow ones (a GC pause, a row-group
-# flush, a tiny last batch of a file) are not a drop; three in a row are.
+# The recent rate is over the last 5 batches, leaving out the slowest: one slow batch (a GC pause, a
+# row-group flush, a tiny last batch of a file) is not a drop; a lasting slowdown is.
 DEFAULT_ROLLING_BATCHES = 5
-# The run's median is taken over at most the last 1,000 batch rates: bounded cost per batch on long runs.
-DEFAULT_MEDIAN_BATCHES = 1_000
+# ... and at least a quarter of the run's time since the warm-up, so a drop must last to count.
+DEFAULT_WINDOW_SHARE = 0.25
+# ... and at least half a second: a run too short to show a lasting drop never warns.
+DEFAULT_MIN_WINDOW_S = 0.5
+# Windows of up to this many batches leave their slowest batch out.
+DEFAULT_TRIM_BELOW = 32
 # Twice a second: smooth enough for a progress display, negligible cost.
 DEFAULT_PROGRESS_INTERVAL_S = 0.5
 # The error rate is judged only after this many rows (as the runner's threshold is).
@@ -102,35 +104,62 @@ class RunWarning:
 class ThroughputDrop:
     """Detects a sharp, lasting drop of throughput from per-batch (rows, seconds).
 
-    Each batch's rate is rows / seconds since the previous batch. After `warmup`
-    batches, the recent rate (median of the last `rolling` batch rates) is compared
-    with the run's median (of all batch rates since the warm-up, once there are
-    `baseline` of them): under `factor` of it is a drop. Fed durations rather than a
-    clock, it is deterministic to test.
+    Rates are ratios of sums, not medians of per-batch rates: batches leaving a worker pool
+    arrive in bursts (two at once, then a pause), which makes single-batch rates swing both
+    ways while the pace is steady. After `warmup` batches, the recent rate (rows / seconds of
+    the last `rolling` batches, or more to span `DEFAULT_WINDOW_SHARE` of the run's time, but the
+    slowest) is compared with the run's pace (rows / seconds of all
+    batches since the warm-up, once there are `baseline` of them): under `factor` of it
+    is a drop. Fed durations rather than a clock, it is deterministic to test.
     """
 
     def __init__(self, *, factor: float = DEFAULT_DROP_FACTOR, warmup: int = DEFAULT_WARMUP_BATCHES,
-                 baseline: int = DEFAULT_BASELINE_BATCHES, rolling: int = DEFAULT_ROLLING_BATCHES) -> None:
+                 baseline: int = DEFAULT_BASELINE_BATCHES, rolling: int = DEFAULT_ROLLING_BATCHES,
+                 min_window_s: float = DEFAULT_MIN_WINDOW_S) -> None:
         self.factor = factor
+        self.min_window_s = min_window_s
         self.warmup = warmup
         self.baseline = baseline
         self.rolling = rolling
-        self._rates: deque[float] = deque(maxlen=DEFAULT_MEDIAN_BATCHES)
+        self._recent: deque[tuple[int, float]] = deque()
+        self._before = [0, 0.0, 0]  # rows, seconds and batches older than the recent window
+        self._recent_s = 0.0
+        self._recent_rows = 0
         self._seen = 0
         self.rate = 0.0
-        self.median = 0.0
+        self.median = 0.0  # the run's pace since the warm-up (rows/s)
 
     def add(self, rows: int, seconds: float) -> bool:
-        """Record one batch; True when the recent rate is now under `factor` of the run's median."""
+        """Record one batch; True when the recent rate is now under `factor` of the run's pace."""
         self._seen += 1
         if self._seen <= self.warmup or rows <= 0 or seconds <= 0:
             return False
-        self._rates.append(rows / seconds)
-        if len(self._rates) < max(self.baseline, self.rolling):
+        self._recent.append((rows, seconds))
+        self._recent_s += seconds
+        self._recent_rows += rows
+        # The window keeps at least `rolling` batches and a quarter of the run's time since the warm-up:
+        # outputs of a pool arrive in waves (32 threads: 32 batches at once, then a pause), and a
+        # window shorter than a wave would judge the pause alone.
+        total_s = self._recent_s + self._before[1]
+        span = max(DEFAULT_WINDOW_SHARE * total_s, self.min_window_s)
+        while len(self._recent) > self.rolling and self._recent_s - self._recent[0][1] >= span:
+            old_rows, old_seconds = self._recent.popleft()
+            self._recent_s -= old_seconds
+            self._recent_rows -= old_rows
+            self._before[0] += old_rows
+            self._before[1] += old_seconds
+            self._before[2] += 1
+        if (self._before[2] + len(self._recent) < max(self.baseline, self.rolling) or not self._before[2]
+                or self._recent_s < self.min_window_s):
             return False
-        # Slow batches join the median too: a run that stays slow for most of its time has a new pace.
-        self.rate = statistics.median(itertools.islice(reversed(self._rates), self.rolling))
-        self.median = statistics.median(self._rates)
+        rows_in, seconds_in = self._recent_rows, self._recent_s
+        if len(self._recent) <= DEFAULT_TRIM_BELOW:
+            # The slowest batch of a short window is left out: one hiccup is not a lasting drop (a long
+            # window dilutes it anyway, and skipping the scan keeps the cost per batch constant).
+            slow_rows, slow_seconds = min(self._recent, key=lambda b: b[0] / b[1])
+            rows_in, seconds_in = rows_in - slow_rows, seconds_in - slow_seconds
+        self.rate = rows_in / seconds_in if seconds_in > 0 else float("inf")
+        self.median = (self._before[0] + self._recent_rows) / (self._before[1] + self._recent_s)
         return self.rate < self.median * self.factor
 
 
@@ -186,7 +215,7 @@ class Alerts:
         if dropped and "throughput" not in self.raised:
             self._warn("throughput", f"throughput dropped to {self.drop.rate:,.0f} rows/s over the last "
                                      f"{DEFAULT_ROLLING_BATCHES} batches, under {self.drop.factor:.0%} of this run's "
-                                     f"median {self.drop.median:,.0f} rows/s; see report.bottleneck for the stage "
+                                     f"pace ({self.drop.median:,.0f} rows/s); see report.bottleneck for the stage "
                                      "that slowed down", self.drop.rate, self.drop.median * self.drop.factor, snap)
         now = self._clock()
         if self.on_progress is not None and (self._last_progress is None
