@@ -107,17 +107,17 @@ def test_sizer_grows_no_further_than_the_byte_ceiling():
     assert 100_000 * 200 <= DEFAULT_MAX_GROWTH_BYTES < 200_000 * 200
 
 
-def test_sizer_keeps_at_least_16_batches_per_input():
+def test_sizer_keeps_at_least_8_batches_per_input():
     sizer = BatchSizer(100_000, memory_limit=1 << 40, rss=FakeRss(100 * MB))
-    sizer.input_bytes = 800_000 * 80  # 800k rows of 80 source bytes
+    sizer.input_bytes = 400_000 * 80  # 400k rows of 80 source bytes
     rows = sizer()
     sizer.note_bytes(rows, rows * 100, rows * 80)
-    assert sizer.input_rows() == 800_000
+    assert sizer.input_rows() == 400_000
     assert sizer.rows == 50_000
-    _feed(sizer, lambda rows: rows * 20.0, 60)  # growth would pay, but not past 1/16 of the input
+    _feed(sizer, lambda rows: rows * 20.0, 60)  # growth would pay, but not past 1/8 of the input
     assert [rows for _, rows in sizer.history] == [100_000, 50_000]
     fixed = BatchSizer(100_000, memory_limit=1 << 40, adaptive=False, rss=FakeRss(100 * MB))
-    fixed.input_bytes = 800_000 * 80
+    fixed.input_bytes = 400_000 * 80
     fixed.note_bytes(100_000, 100_000 * 100, 100_000 * 80)
     assert fixed.rows == 100_000  # a fixed size is the user's choice
 
