@@ -25,9 +25,10 @@ import psutil
 
 log = logging.getLogger("colbatch")
 
-# ~100k rows is on the flat part of the throughput curve for typical 5–20 column
-# data (≈8 MB of CSV) while keeping a batch far below memory limits.
-DEFAULT_START_ROWS = 100_000
+# 2**17 rows is on the flat part of the throughput curve for typical 5–20 column data (≈10 MB
+# of CSV) while keeping a batch far below memory limits: it was the best fixed size of all three
+# `bench tune` workloads (CSV → Parquet, a CPU-bound UDF on 2 workers, CSV → PostgreSQL) here.
+DEFAULT_START_ROWS = 131_072
 # Below ~1k rows per-batch overhead dominates every stage (polars#18705: 33x slower).
 DEFAULT_MIN_ROWS = 1_024
 # Past ~1M rows throughput is flat for every workload we measured, only memory grows.
