@@ -16,7 +16,7 @@ import polars as pl
 from colbatch import faults
 from colbatch.alerts import Alerts, Progress, RunWarning
 from colbatch.batch import Batch
-from colbatch.batching import BatchSizer
+from colbatch.batching import DEFAULT_START_ROWS, BatchSizer
 from colbatch.diagnose import GcTimer, MemoryFacts, Timeline, diagnose
 from colbatch.errors import ColbatchError, ErrorThresholdExceeded
 from colbatch.ledger import Committed, JobIdentity
@@ -34,7 +34,6 @@ log = logging.getLogger("colbatch")
 
 # ~100k rows is on the flat part of the throughput curve for typical 5–20 column
 # data (≈8 MB of CSV) while keeping a batch far below memory limits.
-DEFAULT_BATCH_ROWS = 100_000
 # Two batches in flight per queue: enough to overlap stages, little memory.
 DEFAULT_QUEUE_ITEMS = 2
 # Cap on bytes waiting between two stages; bounds memory whatever the batch size.
@@ -83,7 +82,7 @@ class RunOptions:
     def batch_rows(self) -> int:
         """Rows per batch the reader starts with."""
         if self.batch_size == "auto":
-            return self.tuned_rows or DEFAULT_BATCH_ROWS
+            return self.tuned_rows or DEFAULT_START_ROWS
         return int(self.batch_size)
 
     def sizer(self) -> BatchSizer:

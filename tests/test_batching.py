@@ -11,7 +11,7 @@ import pytest
 
 import colbatch as cb
 from colbatch.batch import Split
-from colbatch.batching import BatchSizer, load_tuned_rows, tune_file
+from colbatch.batching import DEFAULT_START_ROWS, BatchSizer, load_tuned_rows, tune_file
 from colbatch.runner import RunOptions
 from colbatch.steps import Step, StepResult
 from tests.conftest import SCHEMA, assert_accounting, make_frame
@@ -292,7 +292,7 @@ def test_auto_run_reports_batch_sizes_over_time(tmp_path):
     make_frame(5000).write_csv(path)
     report = cb.scan_csv(path, schema=SCHEMA).sink_parquet(tmp_path / "o.parquet").run(progress=False)
     d = report.to_dict()
-    assert d["batch_sizes"][0] == [0.0, 100_000]
+    assert d["batch_sizes"][0] == [0.0, DEFAULT_START_ROWS]
     assert "batches:" in report.summary()
     assert_accounting(report)
 
