@@ -52,10 +52,10 @@ DEFAULT_AVAILABLE_SHARE = 0.5
 # need several batches in flight, so one batch should be at most ~12% of the run (16 cost 5% on a
 # 1M-row UDF run against the best fixed size: its batches were half the best size).
 DEFAULT_MIN_BATCHES = 8
-# An adaptive size grows no further once a batch holds this many bytes in memory: past tens of MiB
+# An adaptive size grows no further once a batch would hold this many bytes in memory: past ~10 MiB
 # per batch throughput is flat (the engines parallelise within a batch) while peak RSS keeps
 # rising with batch size, so peak RSS stays flat as the input grows.
-DEFAULT_MAX_GROWTH_BYTES = 32 << 20
+DEFAULT_MAX_GROWTH_BYTES = 16 << 20
 # Suffix of the file `colbatch tune --write` stores next to a job file.
 TUNE_SUFFIX = ".tune.json"
 

@@ -87,11 +87,12 @@ def test_sizer_does_not_oscillate_on_a_steady_noisy_workload():
 
 
 def test_sizer_grows_only_while_memory_has_room():
-    rss = FakeRss(500 * MB)
+    rss = FakeRss(760 * MB)
     sizer = BatchSizer(10_000, memory_limit=1000 * MB, rss=rss)
-    sizer.note_bytes(10_000, 10_000 * 1000)  # 1000 bytes per row: 12 batches of 40k rows would need 480 MB
+    sizer.note_bytes(10_000, 10_000 * 100)  # 100 bytes per row: 12 batches of 80k rows would need 96 MB
     _feed(sizer, lambda rows: rows * 50.0, 40)
-    # 20k rows fit the 300 MB left below the 800 MB high-water mark; 40k would not.
+    # 40 MB are left below the 800 MB high-water mark: 20k rows (24 MB for 12 batches) fit, 40k rows
+    # (48 MB) would not, although 40k rows are far below the byte ceiling (4 MB a batch).
     assert [rows for _, rows in sizer.history] == [10_000, 20_000]
     assert sizer.settled
 
@@ -100,11 +101,11 @@ def test_sizer_grows_no_further_than_the_byte_ceiling():
     from colbatch.batching import DEFAULT_MAX_GROWTH_BYTES
 
     sizer = BatchSizer(25_000, memory_limit=1 << 40, rss=FakeRss(100 * MB))
-    sizer.note_bytes(25_000, 25_000 * 200)  # 200 bytes per row: the ceiling is at ~168k rows
+    sizer.note_bytes(25_000, 25_000 * 100)  # 100 bytes per row: the ceiling is at ~168k rows
     _feed(sizer, lambda rows: rows * 20.0, 60)  # throughput would keep improving with size
     assert [rows for _, rows in sizer.history] == [25_000, 50_000, 100_000]
     assert sizer.settled
-    assert 100_000 * 200 <= DEFAULT_MAX_GROWTH_BYTES < 200_000 * 200
+    assert 100_000 * 100 <= DEFAULT_MAX_GROWTH_BYTES < 200_000 * 100
 
 
 def test_sizer_keeps_at_least_8_batches_per_input():
