@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import random
 import sys
@@ -502,12 +503,8 @@ def _progress(total_bytes: int | None, enabled: bool | None):
         return None
     from tqdm.std import tqdm
 
-    if notebook:
-        try:  # a widget bar when ipywidgets is installed, else text on the cell's stderr
-            import ipywidgets  # noqa: F401
-            from tqdm.notebook import tqdm
-        except ImportError:
-            pass
+    if notebook and importlib.util.find_spec("ipywidgets") is not None:
+        from tqdm.notebook import tqdm  # a widget bar; without ipywidgets, text on the cell's stderr
     return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="colbatch", leave=True)
 
 
