@@ -88,15 +88,31 @@ def _json_text(name: str, dtype: pl.DataType) -> pl.Expr:
 
 
 def encode(df: pl.DataFrame, types: Sequence[PgType], typnames: Sequence[str]) -> EncodedRows:
-    """Encode a frame already passed through `conform` as binary COPY rows (no header or trailer)."""
+    """Encode a frame already passed through `conform` as binary COPY rows (no header or trailer).
+
+    Fixed-width pieces of a row (the field count, non-null numbers and dates, the length prefixes of
+    text fields) are laid side by side in one NumPy matrix per run, so the one Arrow join that
+    builds the rows has few parts: the join is most of the encoding time.
+    """
     n = df.height
-    count = pa.scalar(np.array([df.width], dtype=">i2").tobytes(), pa.large_binary())
-    parts = [count]
-    for (name, series), pg, typname in zip(df.to_dict().items(), types, typnames):
-        parts.append(_fields(series, pg, typname))
     if n == 0:
         return EncodedRows(memoryview(b""), np.zeros(1, dtype=np.int64))
-    rows = pc.binary_join_element_wise(*parts, _SEP, null_handling="replace", null_replacement=b"")
+    parts: list[pa.Array] = []
+    block: list[np.ndarray] = [np.broadcast_to(np.frombuffer(np.array([df.width], dtype=">i2").tobytes(),
+                                                             dtype=np.uint8), (n, 2))]
+    for series, pg, typname in zip(df.get_columns(), types, typnames):
+        for piece in _fields(series, pg, typname):
+            if isinstance(piece, np.ndarray):
+                block.append(piece)
+                continue
+            if block:
+                parts.append(_fixed(np.hstack(block) if len(block) > 1 else block[0]))
+                block = []
+            parts.append(piece)
+    if block:
+        parts.append(_fixed(np.hstack(block) if len(block) > 1 else block[0]))
+    rows = parts[0] if len(parts) == 1 else pc.binary_join_element_wise(*parts, _SEP, null_handling="replace",
+                                                                         null_replacement=b"")
     if isinstance(rows, pa.ChunkedArray):
         rows = rows.combine_chunks()
     width = 8 if pa.types.is_large_binary(rows.type) else 4
@@ -105,8 +121,10 @@ def encode(df: pl.DataFrame, types: Sequence[PgType], typnames: Sequence[str]) -
     return EncodedRows(memoryview(rows.buffers()[2]), offsets)
 
 
-def _fields(s: pl.Series, pg: PgType, typname: str) -> pa.Array:
-    """One column as complete binary COPY fields."""
+def _fields(s: pl.Series, pg: PgType, typname: str) -> list[pa.Array | np.ndarray]:
+    """One column as binary COPY fields, in pieces joined once into the rows: a (rows, width) uint8
+    matrix for fixed-width pieces without nulls, else an Arrow array (a text column is a length
+    prefix and its values, so the values are not copied twice)."""
     kind = pg.kind
     if kind in ("text", "bytea", "json", "jsonb"):
         values = s.to_arrow()
@@ -118,9 +136,10 @@ def _fields(s: pl.Series, pg: PgType, typname: str) -> pa.Array:
         if kind == "jsonb":  # jsonb's binary format is a version byte (1) and the JSON text
             values = pc.binary_join_element_wise(pa.scalar(b"\x01", pa.large_binary()), values, _SEP)
         lengths = pc.binary_length(values).to_numpy(zero_copy_only=False)
-        prefix = _fixed(np.nan_to_num(lengths).astype(">i4").view(np.uint8).reshape(-1, 4))
-        prefix = pc.if_else(pc.is_null(values), _NULL_FIELD, prefix) if values.null_count else prefix
-        return pc.binary_join_element_wise(prefix, values, _SEP, null_handling="replace", null_replacement=b"")
+        prefix = np.nan_to_num(lengths).astype(">i4").view(np.uint8).reshape(-1, 4)
+        if values.null_count:  # a null is the -1 length alone: its value joins as b""
+            return [pc.if_else(pc.is_null(values), _NULL_FIELD, _fixed(prefix)), values]
+        return [prefix, values]
     if kind == "numeric":
         return _numeric_fields(s)
     phys = s.to_physical().fill_null(0).to_numpy()
@@ -136,15 +155,14 @@ def _fields(s: pl.Series, pg: PgType, typname: str) -> pa.Array:
     else:
         data = phys.astype(_BIG_ENDIAN[typname])
     raw = np.ascontiguousarray(data).view(np.uint8).reshape(len(phys), -1)
-    width = raw.shape[1]
-    out = np.empty((len(phys), 4 + width), dtype=np.uint8)
-    out[:, :4] = np.frombuffer(np.array([width], dtype=">i4").tobytes(), dtype=np.uint8)
-    out[:, 4:] = raw
-    fields = _fixed(out)
-    return pc.if_else(pc.is_null(s.to_arrow()), _NULL_FIELD, fields) if s.null_count() else fields
+    width = np.broadcast_to(np.frombuffer(np.array([raw.shape[1]], dtype=">i4").tobytes(), dtype=np.uint8),
+                            (len(phys), 4))
+    if s.null_count():
+        return [pc.if_else(pc.is_null(s.to_arrow()), _NULL_FIELD, _fixed(np.hstack([width, raw])))]
+    return [width, raw]  # copied once, into the row block
 
 
-def _numeric_fields(s: pl.Series) -> pa.Array:
+def _numeric_fields(s: pl.Series) -> list[pa.Array | np.ndarray]:
     """Decimal values as `numeric` fields: ndigits, weight, sign, dscale, then base-10000 digits.
 
     Every value of the column gets the same layout (all digit groups its precision
@@ -178,8 +196,9 @@ def _numeric_fields(s: pl.Series) -> pa.Array:
     out[:, :2] = 0
     out[:, 2:12] = head.view(np.uint8).reshape(n, 10)
     out[:, 12:] = values.astype(">i2").view(np.uint8).reshape(n, 2 * groups)
-    fields = _fixed(out)
-    return pc.if_else(pc.is_null(s.to_arrow()), _NULL_FIELD, fields) if s.null_count() else fields
+    if s.null_count():
+        return [pc.if_else(pc.is_null(s.to_arrow()), _NULL_FIELD, _fixed(out))]
+    return [out]
 
 
 def _fixed(matrix: np.ndarray) -> pa.Array:
