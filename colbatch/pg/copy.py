@@ -11,6 +11,8 @@ bad rows needs.
 
 from __future__ import annotations
 
+import itertools
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -97,20 +99,13 @@ def encode(df: pl.DataFrame, types: Sequence[PgType], typnames: Sequence[str]) -
     n = df.height
     if n == 0:
         return EncodedRows(memoryview(b""), np.zeros(1, dtype=np.int64))
+    count = np.broadcast_to(np.frombuffer(np.array([df.width], dtype=">i2").tobytes(), dtype=np.uint8), (n, 2))
+    pieces = [count]
+    for col, pg, typname in zip(df.get_columns(), types, typnames):
+        pieces.extend(_fields(col, pg, typname))
     parts: list[pa.Array] = []
-    block: list[np.ndarray] = [np.broadcast_to(np.frombuffer(np.array([df.width], dtype=">i2").tobytes(),
-                                                             dtype=np.uint8), (n, 2))]
-    for series, pg, typname in zip(df.get_columns(), types, typnames):
-        for piece in _fields(series, pg, typname):
-            if isinstance(piece, np.ndarray):
-                block.append(piece)
-                continue
-            if block:
-                parts.append(_fixed(np.hstack(block) if len(block) > 1 else block[0]))
-                block = []
-            parts.append(piece)
-    if block:
-        parts.append(_fixed(np.hstack(block) if len(block) > 1 else block[0]))
+    for fixed, run in itertools.groupby(pieces, key=lambda p: isinstance(p, np.ndarray)):
+        parts.extend([_fixed(np.hstack(list(run)))] if fixed else run)
     rows = parts[0] if len(parts) == 1 else pc.binary_join_element_wise(*parts, _SEP, null_handling="replace",
                                                                          null_replacement=b"")
     if isinstance(rows, pa.ChunkedArray):
@@ -138,7 +133,7 @@ def _fields(s: pl.Series, pg: PgType, typname: str) -> list[pa.Array | np.ndarra
         lengths = pc.binary_length(values).to_numpy(zero_copy_only=False)
         prefix = np.nan_to_num(lengths).astype(">i4").view(np.uint8).reshape(-1, 4)
         if values.null_count:  # a null is the -1 length alone: its value joins as b""
-            return [pc.if_else(pc.is_null(values), _NULL_FIELD, _fixed(prefix)), values]
+            return [_nullable(values, prefix), values]
         return [prefix, values]
     if kind == "numeric":
         return _numeric_fields(s)
@@ -158,7 +153,7 @@ def _fields(s: pl.Series, pg: PgType, typname: str) -> list[pa.Array | np.ndarra
     width = np.broadcast_to(np.frombuffer(np.array([raw.shape[1]], dtype=">i4").tobytes(), dtype=np.uint8),
                             (len(phys), 4))
     if s.null_count():
-        return [pc.if_else(pc.is_null(s.to_arrow()), _NULL_FIELD, _fixed(np.hstack([width, raw])))]
+        return [_nullable(s.to_arrow(), np.hstack([width, raw]))]
     return [width, raw]  # copied once, into the row block
 
 
@@ -197,8 +192,13 @@ def _numeric_fields(s: pl.Series) -> list[pa.Array | np.ndarray]:
     out[:, 2:12] = head.view(np.uint8).reshape(n, 10)
     out[:, 12:] = values.astype(">i2").view(np.uint8).reshape(n, 2 * groups)
     if s.null_count():
-        return [pc.if_else(pc.is_null(s.to_arrow()), _NULL_FIELD, _fixed(out))]
+        return [_nullable(s.to_arrow(), out)]
     return [out]
+
+
+def _nullable(values: pa.Array, fields: np.ndarray) -> pa.Array:
+    """The (rows, width) field matrix as an array whose nulls are the -1 length alone."""
+    return pc.if_else(pc.is_null(values), _NULL_FIELD, _fixed(fields))
 
 
 def _fixed(matrix: np.ndarray) -> pa.Array:
