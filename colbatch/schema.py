@@ -83,13 +83,14 @@ def cast_with_rejects(
     `None` when every value fit. A value that fails is one that was not null
     before the cast and is null after it.
     """
-    targets = {c: t for c, t in schema.items() if c in df.columns and df.schema[c] != t}
+    have = df.schema  # built anew on every access: read it once
+    targets = {c: t for c, t in schema.items() if c in have and have[c] != t}
     if not targets:
         return df, None
     exprs = {}
     for col, dtype in targets.items():
         src = pl.col(col)
-        exprs[col] = _text_to(src, dtype) if df.schema[col] == pl.String else src.cast(dtype, strict=False)
+        exprs[col] = _text_to(src, dtype) if have[col] == pl.String else src.cast(dtype, strict=False)
     cast = df.with_columns(**exprs)
     reason: pl.Expr = pl.lit(None, dtype=pl.String)
     any_bad = False

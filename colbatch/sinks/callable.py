@@ -51,7 +51,9 @@ class CallableSink(Sink):
 
     def write(self, batch: Batch) -> None:
         """Call the function, retrying on exceptions."""
-        df = batch.data.drop(ROW_COL, strict=False)
+        df = batch.data
+        if ROW_COL in df.columns:  # checked first: an eager drop costs ~0.1 ms, a lot for small API batches
+            df = df.drop(ROW_COL)
         attempt = 0
         while True:
             self.calls += 1

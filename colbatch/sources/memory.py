@@ -101,6 +101,8 @@ class IterableSource(Source):
         """Yield the iterator's items, re-chunked to at most `batch_rows` rows."""
         row = 0
         for frame in self._items():
+            # Slices share their frame's schema: one that already matches needs no cast per batch.
+            matches = frame.schema == self._schema
             for start in range(0, max(frame.height, 1), batch_rows):
                 part = frame.slice(start, batch_rows)
                 n = part.height
@@ -110,7 +112,7 @@ class IterableSource(Source):
                 if row < skip_rows:
                     part = part.slice(skip_rows - row)
                 first = max(row, skip_rows)
-                good, rejected = self._conform(part, first, on_reject)
+                good = part if matches else self._conform(part, first, on_reject)[0]
                 yield Batch(good, split, first_row=first, rows_read=part.height, bytes_read=part.estimated_size())
                 row += n
 
