@@ -23,6 +23,8 @@ from pathlib import Path
 
 import psutil
 
+from colbatch.procs import tree_rss
+
 log = logging.getLogger("colbatch")
 
 # 2**17 rows is on the flat part of the throughput curve for typical 5–20 column data (≈10 MB
@@ -64,14 +66,7 @@ RssFn = Callable[[], int]
 
 def process_rss() -> int:
     """RSS of this process and its children, in bytes."""
-    proc = psutil.Process()
-    total = proc.memory_info().rss
-    for child in proc.children(recursive=True):
-        try:
-            total += child.memory_info().rss
-        except psutil.Error:
-            continue
-    return total
+    return tree_rss()
 
 
 def default_memory_limit(rss: RssFn = process_rss) -> int:

@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 
 from colbatch.metrics import StageMetrics
+from colbatch.procs import descendant_pids
 
 # Four samples a second: enough for a readable chart of a minute-long job, negligible cost.
 DEFAULT_TIMELINE_INTERVAL_S = 0.25
@@ -107,15 +108,11 @@ class Timeline:
 
     def _child_cpu(self) -> float:
         total = 0.0
-        try:
-            children = self._proc.children(recursive=True)
-        except psutil.Error:
-            return 0.0
-        for child in children:
-            proc = self._children.get(child.pid)
+        for pid in descendant_pids(self._proc.pid):
+            proc = self._children.get(pid)
             try:
                 if proc is None:
-                    self._children[child.pid] = proc = child
+                    self._children[pid] = proc = psutil.Process(pid)
                     proc.cpu_percent(None)  # the first call only primes the counter
                     continue
                 total += proc.cpu_percent(None)
