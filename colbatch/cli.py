@@ -44,9 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--plot", metavar="PNG", help="save throughput and peak RSS by batch size as a PNG")
     tune.add_argument("--write", action="store_true",
                       help="store the recommendation in JOB.tune.json, where batch_size=\"auto\" starts from")
-    tune.add_argument("--sample-rows", type=int, default=None, metavar="N", help="rows per sample run (default: 3 batches of each size, at most 10%% of the input in all)")
+    tune.add_argument("--sample-rows", type=int, default=None, metavar="N", help="most rows tuning reads in all (default: a budget of 10%% of a full run's time)")
     tune.add_argument("--sizes", default=None, metavar="N,N,...", help="batch sizes in rows (default 8k..1M)")
-    tune.add_argument("--repeats", type=int, default=None, metavar="N", help="runs per size (default 3)")
+    tune.add_argument("--repeats", type=int, default=None, metavar="N", help="timed batches per size, budget allowing (default 3)")
     tune.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     bench = sub.add_parser("bench", help="benchmarks against Polars, DuckDB, pyarrow and plain Python")
     bench.add_argument("suite", choices=["core", "udf", "agg", "pg", "postgres", "tune"], help="which benchmark")

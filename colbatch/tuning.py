@@ -1,66 +1,263 @@
 """The batch-size tuner: run a job on a sample at several batch sizes and recommend one.
 
-Each size runs the job's own source, steps and sink format on the first rows
-of the input (`DEFAULT_SAMPLE_BATCHES` batches of that size, at least
-`DEFAULT_MIN_SAMPLE_ROWS`), with output in a temporary directory (never the
-real sink), `repeats` times. Throughput is the steady rate: rows from the
-first batch written to the commit, so start-up and pipeline fill do not
-penalise the short runs of small sizes. Tuning takes at most `budget` (10%)
-of the time a full run would: sizes whose samples would not fit run fewer
-repeats or are left out, with a note. The smallest size within `DEFAULT_TOLERANCE` of
-the best that fits the memory limit is recommended. `batch_size="auto"` starts
-from a recommendation written next to the job file (`JOB.tune.json`).
+One sample run reads the head of the input in batches whose sizes follow a plan:
+one warm-up batch (start-up and pipeline fill), then `repeats` batches of each
+size, smallest first, with output in a temporary directory in the sink's format
+(never the real sink). A size's throughput is its batches' rows over the time
+between their arrivals at the sink: the steady rate of the pipeline at that size,
+without paying start-up, fill and commit once per size. The plan reads at most
+`budget` (10%) of the input's rows, less an allowance for start-up and commit;
+sizes that do not fit get fewer batches or are left out, with a note. An input
+shorter than the plan is read again (a new run) until every size is measured.
+The smallest size within `DEFAULT_TOLERANCE` of the best that fits the memory
+limit is recommended. `batch_size="auto"` starts from a recommendation written
+next to the job file (`JOB.tune.json`).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from colbatch.batch import Batch, Split
-from colbatch.batching import process_rss, tune_file
+from colbatch.batching import BatchSizer, tune_file
 from colbatch.errors import ConfigError, MissingDependencyError
 from colbatch.pipeline import Pipeline
+from colbatch.runner import RunOptions
 from colbatch.sinks.files import FileSink
 from colbatch.sources.base import RejectFn, Source
+from colbatch.udf.step import MapBatches
 
 # The sizes of the issue's benchmark grid, from per-batch-overhead territory to memory-heavy.
 DEFAULT_SIZES = (8_192, 32_768, 131_072, 524_288, 1_048_576)
-# None: each size's sample is DEFAULT_SAMPLE_BATCHES of its batches, at least DEFAULT_MIN_SAMPLE_ROWS.
+# None: the budget alone bounds the rows tuning reads.
 DEFAULT_SAMPLE_ROWS: int | None = None
-# Three batches: one fills the pipeline, two are measured at the steady rate (two when the budget is short).
-DEFAULT_SAMPLE_BATCHES = 3
-# Below ~32k rows a sample run is over in a few milliseconds, too short to time on a busy machine.
-DEFAULT_MIN_SAMPLE_ROWS = 32_768
 # Tuning that costs more than a tenth of the run it tunes is not worth it.
 DEFAULT_BUDGET = 0.1
-# Inputs too small for a tenth to measure anything may take the time of this many rows (a second or so).
-DEFAULT_MIN_BUDGET_ROWS = 400_000
-# Three runs per size: the median drops one outlier on a shared machine.
+# Of that budget, the batches may take this share: the rest pays for start-up, pipeline fill and commit.
+DEFAULT_WORK_SHARE = 0.5
+# Inputs too small for a tenth to measure anything may read this many rows (a second or so).
+DEFAULT_MIN_BUDGET_ROWS = 200_000
+# Batches measured per size: the median of three drops one outlier on a shared machine.
 DEFAULT_REPEATS = 3
 # Sizes within 5% of the best throughput are equally good (run-to-run noise); the smallest wins (less memory).
 DEFAULT_TOLERANCE = 0.05
+# A batch shorter than 1/_SHORT of its planned size ran into the end of the input (text blocks are
+# cut by bytes, so batches land a few percent either side of the size).
+_SHORT = 1.25
+# Batches per measured segment when a UDF runs on a pool: enough to keep its workers busy (at
+# most this many); one batch otherwise (expressions run in parallel within a batch).
+MAX_SEGMENT_BATCHES = 4
+# An input much shorter than the plan is read again; this many runs at most.
+_MAX_RUNS = 50
+# A reader waiting for the pipeline to drain goes on after this long without a batch reaching the sink.
+_DRAIN_STALL_S = 5.0
 
 
-class _Head(Source):
-    """The first `rows` records of another source (whole batches; stops after the one that reaches it)."""
+class _Plan(BatchSizer):
+    """The tuner's batch sizes: segments of `per_segment` batches of one size, smallest first.
 
-    def __init__(self, inner: Source, rows: int) -> None:
+    It is the sample run's sizer: the reader asks it before each batch; the writer reports each
+    batch written (`observe`), and the sink encodes everything it buffered after a segment's
+    last batch (`_SampleSink`), so a segment pays for its own encoding.
+
+    With `drain` (pipelines of expressions, one batch per segment), the reader waits before a
+    segment until the sink has taken every earlier batch: each segment starts on an empty
+    pipeline, and its time runs from its batch being asked for to it being written. That is
+    the same work at every size (the batch through every stage, the encoding included), so the
+    rates compare sizes fairly; they are below a full run's, which overlaps batches. A UDF
+    stage keeps several batches in flight and would wait for input forever behind a drain, so
+    without it a segment's time runs from its first batch written to its last, over the rows
+    of all but the first (steady state at the pool's pace).
+
+    A warm-up segment of the smallest size carries the first-batch costs (a worker pool's
+    start) and is not measured. The plan is laid out once the input's rows are known (after
+    the first batch), within `budget()`: one segment per size, smallest first, then rounds of
+    more, up to `repeats` per size, while they fit.
+    """
+
+    def __init__(self, sizes: Sequence[int], repeats: int, *, share: float | None, sample_rows: int | None,
+                 memory_limit: int | None, per_segment: int = 1, drain: bool = True) -> None:
+        super().__init__(sizes[0], memory_limit=memory_limit, adaptive=False, min_rows=1, max_rows=max(sizes))
+        self.sizes = list(sizes)
+        self.repeats = repeats
+        self.share = share
+        self.sample_rows = sample_rows
+        self.per_segment = per_segment
+        self.drain = drain
+        # One (size, batches, measured) per segment; `entries` is the size of each batch, in order.
+        self.segments: list[tuple[int, int, bool]] = [(sizes[0], per_segment, False)]
+        self.entries: list[int] = [sizes[0]] * per_segment
+        self._seg_of: list[int] = [0] * per_segment  # batch index -> segment index
+        self.issued = 0
+        self.observed = 0
+        self.planned = False
+        self.seen: dict[int, list[tuple[int, float]]] = {s: [] for s in sizes}
+        self.peak: dict[int, int] = {}
+        self.notes: list[str] = []
+        self.runs = 0
+        self.cut = False  # a segment ran into the end of the input
+        self.stalls = 0  # drains given up after `_DRAIN_STALL_S` (their segments are not comparable)
+        self._cond = threading.Condition(self._lock)
+        self._last_seen = time.perf_counter()
+        self._t0: dict[int, float] = {}  # segment -> when its first batch was asked for
+        self._rows: dict[int, int] = {}  # segment -> rows written so far
+
+    def _add(self, size: int, batches: int, measured: bool = True) -> None:
+        self._seg_of += [len(self.segments)] * batches
+        self.segments.append((size, batches, measured))
+        self.entries += [size] * batches
+
+    # -- the reader's side --------------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        """True when every planned batch has been handed out."""
+        return self.planned and self.issued >= len(self.entries)
+
+    def __call__(self) -> int:
+        if not self.planned and self.issued:
+            self._lay_out()
+        i = min(self.issued, len(self.entries) - 1)
+        seg = self._seg_of[i]
+        with self._cond:
+            if self.drain and seg not in self._t0:
+                # A new segment starts on an empty pipeline. A sink that stalls (a failed run)
+                # releases the reader after `_DRAIN_STALL_S` without a batch.
+                while self.observed < self.issued:
+                    if time.perf_counter() - self._last_seen >= _DRAIN_STALL_S:
+                        self.stalls += 1
+                        break
+                    self._cond.wait(0.02)
+                self._t0[seg] = time.perf_counter()
+            self.issued += 1
+        self.rows = self.entries[i]
+        return self.rows
+
+    def budget(self) -> float:
+        """Rows tuning may read in all (inf: no limit)."""
+        limit = float(self.sample_rows) if self.sample_rows is not None else math.inf
+        total = self.input_rows()
+        if self.share is not None and total is not None:
+            limit = min(limit, max(DEFAULT_MIN_BUDGET_ROWS, DEFAULT_WORK_SHARE * self.share * total))
+        return limit
+
+    def _lay_out(self) -> None:
+        self.planned = True
+        total = self.input_rows()
+        left = self.budget() - sum(self.entries)
+        fits = []
+        for size in self.sizes:
+            if total is not None and size * self.per_segment > total:
+                self.notes.append(f"batch size {size:,} not measured: the input has only about {total:,} rows")
+            elif size * self.per_segment > left and size != self.sizes[0]:  # the smallest is always measured
+                self.notes.append(
+                    f"batch size {size:,} not measured: past sample_rows={self.sample_rows:,}"
+                    if self.budget() == self.sample_rows else
+                    f"batch size {size:,} not measured: {self.per_segment} batches of it would take tuning past "
+                    f"{self.share or 0:.0%} of the time a full run of the input's ~{total or 0:,} rows takes")
+            else:
+                fits.append(size)
+                left -= size * self.per_segment
+        self._plan_rounds(fits, left)
+
+    def _plan_rounds(self, sizes: list[int], left: float, done: dict[int, int] | None = None) -> None:
+        """A segment of each size, then rounds of repeats while they fit (interleaved: drift hits all alike)."""
+        count = dict.fromkeys(sizes, 0) if done is None else dict(done)
+        if done is None:
+            for size in sizes:
+                self._add(size, self.per_segment)
+                count[size] = 1
+        while True:
+            more = [s for s in sizes if count[s] < self.repeats and s * self.per_segment <= left]
+            for size in more:
+                if size * self.per_segment <= left:
+                    self._add(size, self.per_segment)
+                    count[size] += 1
+                    left -= size * self.per_segment
+            if not more:
+                return
+
+    def next_run(self) -> bool:
+        """Before a rerun of a short input: plan what is still missing; False when nothing more can be done."""
+        sizes = [s for s in self.sizes if any(seg[0] == s and seg[2] for seg in self.segments)]
+        have = {s: len(self.seen[s]) for s in sizes}
+        if self.runs >= _MAX_RUNS or all(n >= self.repeats for n in have.values()):
+            return False
+        # Drop what was not handed out; start again with a warm-up batch.
+        while self._seg_of and len(self._seg_of) > self.issued:
+            self._seg_of.pop()
+            self.entries.pop()
+        self.segments = self.segments[:(self._seg_of[-1] + 1) if self._seg_of else 0]
+        before = len(self.entries)
+        left = self.budget() - sum(self.entries) - self.sizes[0] * self.per_segment
+        self._add(self.sizes[0], self.per_segment, measured=False)
+        # Largest first: right after the warm-up, a size that ran into the end of the input fits if any can.
+        self._plan_rounds([s for s in reversed(sizes) if have[s] < self.repeats], left,
+                          done={s: have[s] for s in sizes if have[s] < self.repeats})
+        if len(self.entries) == before + self.per_segment:  # nothing fits but the warm-up
+            return False
+        with self._cond:
+            self.observed = self.issued
+            self.cut = False
+        return True
+
+    # -- the writer's side --------------------------------------------------------------------
+
+    def measured(self) -> int:
+        """Segments measured so far."""
+        return sum(len(v) for v in self.seen.values())
+
+    def segment_ends(self, i: int) -> bool:
+        """True when batch `i` is the last of its segment."""
+        return i + 1 >= len(self._seg_of) or self._seg_of[i + 1] != self._seg_of[i]
+
+    def observe(self, rows: int, seconds: float) -> None:
+        rss = self._rss()
+        with self._cond:
+            i = min(self.observed, len(self._seg_of) - 1)
+            seg = self._seg_of[i]
+            self.observed += 1
+            self._last_seen = now = time.perf_counter()
+            self._cond.notify_all()
+            size, _, measured = self.segments[seg]
+            self.peak[size] = max(self.peak.get(size, 0), rss)
+            if seg not in self._t0:  # without a drain: the segment's first batch written starts its clock
+                self._t0[seg] = now if rows * _SHORT >= size else math.nan
+                self.cut = self.cut or rows * _SHORT < size
+                self._rows[seg] = 0
+                return
+            self._rows[seg] = self._rows.get(seg, 0) + rows
+            if rows * _SHORT < size:  # the input ended inside the batch: the segment does not count
+                self._t0[seg] = math.nan
+                self.cut = True
+            if measured and self.segment_ends(i) and self._rows[seg] and not math.isnan(self._t0[seg]):
+                self.seen[size].append((self._rows[seg], now - self._t0[seg]))
+
+
+class _Planned(Source):
+    """Another source read in the plan's batch sizes, stopping when the plan is done.
+
+    A source that takes a callable size asks the plan itself; another is re-opened at the
+    current row whenever the planned size changes.
+    """
+
+    def __init__(self, inner: Source) -> None:
         self.inner = inner
-        self.rows = rows
         self.name = inner.name
         self.notes = inner.notes
         self.stable = inner.stable
-        self.adaptive_batches = inner.adaptive_batches
-        self._left = rows
+        self.adaptive_batches = True
 
     @property
     def schema(self):
@@ -68,27 +265,52 @@ class _Head(Source):
         return self.inner.schema
 
     def splits(self) -> Sequence[Split]:
-        """The inner source's splits; a new run starts counting rows again."""
-        self._left = self.rows
+        """The inner source's splits."""
         return self.inner.splits()
 
-    def read(self, split: Split, *, batch_rows, on_reject: RejectFn, skip_rows: int = 0) -> Iterator[Batch]:
-        """The inner batches until the row budget is spent."""
-        if self._left <= 0:
-            return
-        for batch in self.inner.read(split, batch_rows=batch_rows, on_reject=on_reject, skip_rows=skip_rows):
-            yield batch
-            self._left -= batch.rows_read
-            if self._left <= 0:
-                return
-
     def total_bytes(self) -> int | None:
-        """Unknown: only a head of the input is read."""
-        return None
+        """The inner source's size: the plan's budget is a share of it."""
+        return self.inner.total_bytes()
 
     def describe(self) -> str:
-        """The inner description, with the sample size."""
-        return f"{self.inner.describe()} (first {self.rows:,} rows)"
+        """The inner description."""
+        return self.inner.describe()
+
+    def read(self, split: Split, *, batch_rows, on_reject: RejectFn, skip_rows: int = 0) -> Iterator[Batch]:
+        """The inner batches in the plan's sizes, until it is done."""
+        plan: _Plan = batch_rows
+        pos, size, it = skip_rows, None, None
+        try:
+            while not plan.done:
+                if self.inner.adaptive_batches:
+                    if it is None:
+                        it = self.inner.read(split, batch_rows=plan, on_reject=on_reject, skip_rows=pos)
+                else:
+                    want = plan()
+                    if want != size:
+                        if it is not None:
+                            it.close()
+                        size, it = want, self.inner.read(split, batch_rows=want, on_reject=on_reject, skip_rows=pos)
+                batch = next(it, None)
+                if batch is None:
+                    return
+                pos = batch.first_row + batch.rows_read
+                yield batch
+        finally:
+            if it is not None:
+                it.close()
+
+
+@dataclass(frozen=True)
+class _TuneOptions(RunOptions):
+    """Run options whose sizer is the tuner's plan."""
+
+    plan: _Plan | None = None
+
+    def sizer(self) -> BatchSizer:
+        """The plan (shared by every run of the tuning)."""
+        assert self.plan is not None
+        return self.plan
 
 
 @dataclass
@@ -96,12 +318,12 @@ class TunePoint:
     """Measurements at one batch size."""
 
     rows: int
-    throughput: float  # median rows/s over the repeats
+    throughput: float  # median rows/s over the timed segments
     s_per_row: float  # median seconds per row
     peak_rss_bytes: int  # highest peak RSS over the repeats (process and children)
-    runs: list[float] = field(default_factory=list)  # rows/s of each repeat
+    runs: list[float] = field(default_factory=list)  # rows/s of each timed segment
     fits: bool = True  # peak RSS within the memory limit (always True without one)
-    sample_rows: int = 0  # rows per run at this size
+    sample_rows: int = 0  # rows timed at this size
 
 
 @dataclass
@@ -121,6 +343,7 @@ class TuneResult:
     elapsed_s: float = 0.0
     notes: list[str] = field(default_factory=list)
     rows_read: int = 0  # rows all sample runs read together (what tuning cost)
+    runs: int = 1  # sample runs: one, unless the input was shorter than the plan
 
     def best(self) -> TunePoint:
         """The size with the highest median throughput."""
@@ -130,6 +353,7 @@ class TuneResult:
         """JSON-ready dictionary; `batch_rows` is what `batch_size="auto"` starts from."""
         return {"batch_rows": self.recommended, "sample_rows": self.sample_rows, "repeats": self.repeats,
                 "memory_limit": self.memory_limit, "elapsed_s": round(self.elapsed_s, 3), "rows_read": self.rows_read,
+                "runs": self.runs,
                 "points": [asdict(p) for p in self.points], "notes": list(self.notes)}
 
     def write(self, path: str | os.PathLike) -> Path:
@@ -150,7 +374,8 @@ class TuneResult:
                          f"{p.s_per_row * 1e6:>8.3f}  {p.peak_rss_bytes / 2**20:>6,.0f} MiB{mark}")
         lines.append(f"recommended batch_size = {self.recommended:,} (smallest size within "
                      f"{DEFAULT_TOLERANCE:.0%} of the best throughput that fits memory); "
-                     f"up to {self.repeats} runs per size, {self.rows_read:,} rows read in {self.elapsed_s:.1f}s")
+                     f"up to {self.repeats} timed segments per size, {self.rows_read:,} rows read in "
+                     f"{self.elapsed_s:.1f}s ({self.runs} run{'s' if self.runs != 1 else ''})")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -205,19 +430,19 @@ def recommend(points: Sequence[TunePoint], tolerance: float = DEFAULT_TOLERANCE)
 def tune(pipeline: Pipeline, *, sizes: Sequence[int] | None = None, sample_rows: int | None = DEFAULT_SAMPLE_ROWS,
          repeats: int = DEFAULT_REPEATS, budget: float | None = DEFAULT_BUDGET,
          write: str | os.PathLike | None = None) -> TuneResult:
-    """Run `pipeline` on the first rows of its input at each batch size and recommend one.
+    """Run `pipeline` on the head of its input in batches of each size and recommend one.
 
     Output goes to a temporary directory in the sink's file format (Parquet for
     other sinks, whose cost is then not measured); rejects stay in memory.
 
     Args:
         pipeline: the job to tune (its sink is never written).
-        sizes: batch sizes in rows; default `DEFAULT_SIZES` (up to `sample_rows` when given).
-        sample_rows: rows read per run (whole batches: a run may read a little more); None reads
-            `DEFAULT_SAMPLE_BATCHES` batches of each size, at least `DEFAULT_MIN_SAMPLE_ROWS`.
-        repeats: runs per size; the median counts.
-        budget: share of a full run's time tuning may take in all (at least the time of
-            `DEFAULT_MIN_BUDGET_ROWS` rows), when the input's size is known; None for no limit.
+        sizes: batch sizes in rows; default `DEFAULT_SIZES`.
+        sample_rows: the most rows tuning may read in all; None leaves it to `budget`.
+        repeats: batches measured per size.
+        budget: share of a full run's time tuning may take, when the input's size is known
+            (its batches get `DEFAULT_WORK_SHARE` of it, at least `DEFAULT_MIN_BUDGET_ROWS` rows);
+            None for no limit.
         write: where to store the recommendation as JSON (see `tune_file`).
 
     Example:
@@ -230,145 +455,96 @@ def tune(pipeline: Pipeline, *, sizes: Sequence[int] | None = None, sample_rows:
         raise ConfigError(f"`sample_rows` and `repeats` must be positive, got {sample_rows!r} and {repeats!r}")
     if budget is not None and not 0 < budget <= 1:
         raise ConfigError(f"`budget` must be a share of the input in (0, 1], got {budget!r}")
-    if sizes:
-        chosen = sorted({int(s) for s in sizes})
-    elif sample_rows is None:
-        chosen = list(DEFAULT_SIZES)
-    else:
-        chosen = [s for s in DEFAULT_SIZES if s <= sample_rows] or [sample_rows]
+    chosen = sorted({int(s) for s in sizes}) if sizes else list(DEFAULT_SIZES)
     if chosen[0] <= 0:
         raise ConfigError(f"`sizes` must be positive row counts, got {list(sizes or [])}")
     limit = pipeline.options.memory_limit
-    notes: list[str] = []
+    per_segment = _per_segment(pipeline)
     t_start = time.perf_counter()
-    points = []
+    plan = _Plan(chosen, repeats, share=budget, sample_rows=sample_rows, memory_limit=limit,
+                 per_segment=per_segment, drain=per_segment == 1)
+    opts = _TuneOptions(**{f.name: getattr(pipeline.options, f.name) for f in fields(RunOptions)}, plan=plan)
+    notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="colbatch-tune-") as tmp:
-        sink, note = _sample_sink(pipeline, tmp)
+        sink, note = _sample_sink(pipeline, tmp, plan)
         if note:
             notes.append(note)
-        plan = _Budget(pipeline.source.total_bytes(), budget)
-        measured: dict[int, tuple[int, list[float], int]] = {}  # size -> (sample rows, rates, peak RSS)
-
-        def measure(rows: int, n: int) -> None:
-            before = process_rss()
-            rate, report = _steady_rate(replace(pipeline, source=_Head(pipeline.source, n), sink=sink,
-                                                rejects_sink=None), rows)
-            plan.spent(report, rate)
-            _, rates, peak = measured.get(rows, (n, [], 0))
-            measured[rows] = (n, [*rates, rate], max(peak, report.peak_rss_bytes, before))
-
-        # Breadth first: every size once (the budget allowing), then repeats, fastest sizes first: under
-        # a short budget the repeats go where they decide the recommendation.
-        for rows in chosen:
-            n = _sample_for(rows, sample_rows, plan)
-            if n is None:
-                notes.append(f"batch size {rows:,} not measured: its sample would take tuning past "
-                             f"{budget:.0%} of the time a full run of the input's ~{plan.input_rows:,.0f} rows takes")
-                continue
-            measure(rows, n)
-        for _ in range(repeats - 1):
-            ranked = sorted(measured, key=lambda r: -statistics.median(measured[r][1]))
-            for rows in ranked:
-                if plan.fits(measured[rows][0]):
-                    measure(rows, measured[rows][0])
-        for rows in sorted(measured):
-            n, rates, peak = measured[rows]
-            med = statistics.median(rates)
-            points.append(TunePoint(rows=rows, throughput=med, s_per_row=1 / med if med else float("inf"),
-                                    peak_rss_bytes=peak, runs=[round(r, 1) for r in rates],
-                                    fits=limit is None or peak <= limit, sample_rows=n))
+        sample = replace(pipeline, source=_Planned(pipeline.source), sink=sink, rejects_sink=None, options=opts)
+        rows_read = 0
+        while True:
+            plan.runs += 1
+            before = plan.measured()
+            report = sample.run(progress=False, overwrite=True, max_error_rate=None, max_errors=None,
+                                on_progress=None, on_warning=None, executor=None)  # tuned here, in this process
+            rows_read += report.rows_read
+            # Done, or the input ended first: read it again for what is missing while runs add something.
+            if (plan.done and not plan.cut) or plan.measured() == before or not plan.next_run():
+                break
+    if plan.stalls:
+        notes.append(f"the pipeline did not drain between sizes {plan.stalls} time(s) within {_DRAIN_STALL_S:g}s; "
+                     f"those sizes were timed with earlier batches still in flight")
+    points = []
+    for size in chosen:
+        seen = plan.seen[size]
+        if not seen:
+            if size in plan.entries and not any(f"{size:,} not measured" in n for n in plan.notes):
+                plan.notes.append(f"batch size {size:,} not measured: no whole batch of it came out of the input")
+            continue
+        rate = statistics.median(r / t for r, t in seen)
+        peak = plan.peak.get(size, 0)
+        points.append(TunePoint(rows=size, throughput=rate, s_per_row=1 / rate, peak_rss_bytes=peak,
+                                runs=[round(r / t, 1) for r, t in seen], fits=limit is None or peak <= limit,
+                                sample_rows=sum(r for r, _ in seen)))
     if not points:
-        raise ConfigError("no batch size could be measured; give smaller `sizes` or a larger `budget`")
+        raise ConfigError("no batch size could be measured; give smaller `sizes`, a larger `budget` or more input")
     result = TuneResult(points, recommend(points), sample_rows or 0, repeats, memory_limit=limit,
-                        elapsed_s=time.perf_counter() - t_start, notes=notes, rows_read=plan.rows)
+                        elapsed_s=time.perf_counter() - t_start, notes=notes + plan.notes, rows_read=rows_read,
+                        runs=plan.runs)
     if write is not None:
         result.write(write)
     return result
 
 
-class _Budget:
-    """How much tuning may still spend: `share` of the time a full run would take.
+def _per_segment(pipeline: Pipeline) -> int:
+    """Batches per segment: one more than the busiest worker pool of the pipeline's UDFs, or one without UDFs.
 
-    A full run's time is the input's rows (estimated from its bytes and the bytes per row read
-    so far) at the best rate measured; a sample's time is its rows at the last size's rate plus
-    the fixed cost per run seen so far (start-up, pipeline fill, commit).
-    Inputs too small for a share to measure anything get `DEFAULT_MIN_BUDGET_ROWS` rows' worth.
+    A UDF stage takes two batches before it starts, and a pool is only busy with a batch per worker.
+    """
+    pools = [s.workers if s.resolved_executor() != "threads" else s.concurrency
+             for s in pipeline.steps if isinstance(s, MapBatches)]
+    return min(MAX_SEGMENT_BATCHES, max(2, 1 + max(pools))) if pools else 1
+
+
+class _SampleSink(FileSink):
+    """A directory of parts in a temp dir that closes its part after each size's last batch.
+
+    The writers buffer rows (row groups) and encode them in the background: without a cut, the
+    cost of a segment of small batches would be paid during the next segment. No ledger.
     """
 
-    def __init__(self, total_bytes: int | None, share: float | None, clock=time.perf_counter) -> None:
-        self.total_bytes = total_bytes
-        self.share = share
-        self.rows = 0
-        self.bytes = 0
-        self.best_rate = 0.0
-        self.last_rate = 0.0
-        self.runs = 0
-        self.work_s = 0.0  # the runs' rows at their steady rates: the rest of the time spent is fixed cost
-        self._clock = clock
-        self._t0 = clock()
+    supports_resume = False
 
-    @property
-    def input_rows(self) -> float:
-        """The input's rows, estimated from the bytes per row read so far (inf while unknown)."""
-        if not self.total_bytes or not self.rows or not self.bytes:
-            return float("inf")
-        return self.total_bytes / (self.bytes / self.rows)
+    def __init__(self, path: str, *, format, options, plan: _Plan) -> None:
+        super().__init__(path, format=format, options=options, part_rows=1 << 62)
+        self.plan = plan
 
-    def fits(self, sample: int) -> bool:
-        """True when a run of `sample` rows fits what is left (the first run of all always does)."""
-        if self.share is None or not self.rows or self.best_rate <= 0:
-            return True
-        allowed_s = max(self.share * self.input_rows, DEFAULT_MIN_BUDGET_ROWS) / self.best_rate
-        spent_s = self._clock() - self._t0
-        fixed_s = max(0.0, spent_s - self.work_s) / self.runs if self.runs else 0.0
-        return spent_s + fixed_s + sample / (self.last_rate or self.best_rate) <= allowed_s
+    def fresh(self) -> _SampleSink:
+        """A new sink with the same settings and plan."""
+        return _SampleSink(self.path, format=self.format, options=self.options, plan=self.plan)
 
-    def spent(self, report, rate: float) -> None:
-        """Count a sample run's rows, bytes and rate."""
-        self.rows += report.rows_read
-        self.bytes += report.stages[0].bytes_in if report.stages else 0
-        self.last_rate = rate
-        self.best_rate = max(self.best_rate, rate)
-        self.runs += 1
-        self.work_s += report.rows_read / rate if rate > 0 else 0.0
+    def write(self, batch: Batch) -> None:
+        """Write, then encode everything buffered when the batch is its size's last."""
+        super().write(batch)
+        if self.plan.segment_ends(self.plan.observed):
+            self._finish_unit()
 
 
-def _sample_for(rows: int, sample_rows: int | None, plan: _Budget) -> int | None:
-    """Rows of one sample run at `rows` per batch: `sample_rows`, or as many batches as fit (None: none fit)."""
-    if sample_rows is not None:
-        return sample_rows if plan.fits(sample_rows) else None
-    for batches in range(DEFAULT_SAMPLE_BATCHES, 1, -1):
-        n = max(DEFAULT_MIN_SAMPLE_ROWS, batches * rows)
-        if plan.fits(n):
-            return n
-    return None
-
-
-def _steady_rate(sample: Pipeline, rows: int):
-    """Run `sample` at `rows` per batch; rows/s from the first batch written to the commit, and the report.
-
-    Start-up and the first batch (which fills the pipeline) are left out: they cost the same
-    per run whatever the size, and would make short runs of small sizes look slower than they are.
-    """
-    seen = []
-    report = sample.run(batch_size=rows, progress=False, overwrite=True, max_error_rate=None, on_progress=seen.append)
-    first = seen[0] if seen else None
-    if (first is None or first.done or report.elapsed_s <= first.elapsed_s
-            or report.rows_written <= first.rows_written):  # one batch: nothing after the first to time
-        return (report.rows_read / report.elapsed_s if report.elapsed_s > 0 else 0.0), report
-    # Source rows behind the output rows written after the first batch (filters keep the ratio).
-    steady = report.rows_read * (report.rows_written - first.rows_written) / report.rows_written
-    return steady / (report.elapsed_s - first.elapsed_s), report
-
-
-def _sample_sink(pipeline: Pipeline, tmp: str) -> tuple[FileSink, str | None]:
+def _sample_sink(pipeline: Pipeline, tmp: str, plan: _Plan) -> tuple[FileSink, str | None]:
     """A sink like the job's in a temp dir: the same file format, or Parquet for other sinks."""
     sink = pipeline.sink
     if isinstance(sink, FileSink):
-        name = os.path.basename(os.path.normpath(sink.path)) or "out"
-        return FileSink(os.path.join(tmp, name), format=sink.format, options=sink.options,
-                        part_rows=sink.part_rows), None
-    return (FileSink(os.path.join(tmp, "out.parquet"), format="parquet"),
+        return _SampleSink(os.path.join(tmp, "out"), format=sink.format, options=sink.options, plan=plan), None
+    return (_SampleSink(os.path.join(tmp, "out"), format="parquet", options=None, plan=plan),
             f"the sample runs write Parquet to a temp dir instead of {sink.describe()}: its cost is not measured")
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -26,6 +27,14 @@ def csv_path(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture
+def big_csv(tmp_path: Path) -> Path:
+    """Room for a few segments of each size: text blocks are cut by bytes, so batches come out near their size."""
+    path = tmp_path / "big.csv"
+    make_frame(200_000).write_csv(path)
+    return path
+
+
 def test_recommend_picks_the_smallest_size_within_five_percent_of_the_best():
     pts = [TunePoint(1_000, 50.0, 0.02, 1), TunePoint(10_000, 97.0, 0.01, 2), TunePoint(100_000, 100.0, 0.01, 3)]
     assert recommend(pts) == 10_000
@@ -38,13 +47,16 @@ def test_recommend_skips_sizes_that_do_not_fit_memory():
     assert recommend(pts) == 1_000
 
 
-def test_tune_measures_each_size_on_a_sample_and_never_writes_the_sink(csv_path, tmp_path):
+def test_tune_measures_each_size_in_one_run_and_never_writes_the_sink(big_csv, tmp_path):
     out = tmp_path / "real.parquet"
-    pipeline = cb.scan_csv(csv_path, schema=SCHEMA).filter("amount > 0").sink_parquet(out)
-    result = cb.tune(pipeline, sizes=[32_768, 2_048, 8_192], sample_rows=20_000, repeats=2, budget=None)
-    assert [p.rows for p in result.points] == [2_048, 8_192, 32_768]
+    pipeline = cb.scan_csv(big_csv, schema=SCHEMA).filter("amount > 0").sink_parquet(out)
+    result = cb.tune(pipeline, sizes=[8_192, 4_096], repeats=2, budget=None)
+    assert [p.rows for p in result.points] == [4_096, 8_192]
     assert all(len(p.runs) == 2 and p.throughput > 0 and p.peak_rss_bytes > 0 for p in result.points)
-    assert result.recommended in {2_048, 8_192, 32_768}
+    # One warm-up batch and two timed batches per size, all in one run over the head of the input.
+    assert result.runs == 1
+    assert 0.8 * (4_096 + 2 * (4_096 + 8_192)) <= result.rows_read < 100_000
+    assert result.recommended in {4_096, 8_192}
     best = result.best().throughput
     rec = next(p for p in result.points if p.rows == result.recommended)
     assert rec.throughput >= 0.95 * best
@@ -63,15 +75,66 @@ def test_tune_never_calls_a_non_file_sink_and_says_so(csv_path):
     assert "cost is not measured" in result.table()
 
 
-def test_sample_source_stops_after_the_first_rows_and_restarts_per_run(csv_path):
-    from colbatch.tuning import _Head
+@pytest.mark.parametrize("kind", ["csv", "arrow"])
+def test_planned_source_reads_in_the_plans_sizes_and_stops_when_it_is_done(csv_path, kind):
+    from colbatch.tuning import _Plan, _Planned
 
-    head = _Head(cb.scan_csv(csv_path, schema=SCHEMA).source, 5_000)
-    for _ in range(2):
-        batches = [b for s in head.splits() for b in head.read(s, batch_rows=1_000, on_reject=lambda f: None)]
-        total = sum(b.rows_read for b in batches)
-        assert 5_000 <= total < 5_000 + max(b.rows_read for b in batches)
-        assert batches[0].first_row == 0
+    # CSV asks the plan before each block itself; an in-memory table takes one size per read and is
+    # re-opened at the current row when the size changes.
+    inner = (cb.scan_csv(csv_path, schema=SCHEMA) if kind == "csv"
+             else cb.from_arrow(pl.read_csv(csv_path))).source
+    plan = _Plan([4_000, 8_000], 2, share=None, sample_rows=None, memory_limit=None)
+    source = _Planned(inner)
+    batches = []
+    for split in source.splits():
+        for batch in source.read(split, batch_rows=plan, on_reject=lambda f: None):
+            plan.note_bytes(batch.num_rows, batch.data.estimated_size(), batch.bytes_read)
+            batches.append(batch)
+    assert plan.done and plan.entries == [4_000, 4_000, 8_000, 4_000, 8_000]
+    assert [b.first_row for b in batches] == list(np.cumsum([0] + [b.rows_read for b in batches[:-1]]))
+    for batch, size in zip(batches, plan.entries, strict=True):
+        assert size / 1.5 <= batch.rows_read <= size * 1.5  # CSV blocks are cut by bytes: near the size
+        assert kind == "csv" or batch.rows_read == size
+
+
+def test_plan_lays_out_what_fits_the_budget_smallest_first(monkeypatch):
+    tune_mod = sys.modules["colbatch.tuning"]
+    monkeypatch.setattr(tune_mod, "DEFAULT_MIN_BUDGET_ROWS", 0)
+    plan = tune_mod._Plan([1_000, 2_000, 4_000], 3, share=0.1, sample_rows=None, memory_limit=None)
+    plan.input_bytes = 1_000_000
+    assert plan() == 1_000  # the warm-up batch, before anything is known
+    plan.note_bytes(1_000, 50_000, source_bytes=10_000)  # 10 bytes a row: the input has ~100k rows
+    assert plan.input_rows() == 100_000
+    # Batches may read DEFAULT_WORK_SHARE of a tenth of the input: 5,000 rows.
+    assert plan.budget() == pytest.approx(tune_mod.DEFAULT_WORK_SHARE * 0.1 * 100_000)
+    assert [plan() for _ in range(4)] == [1_000, 2_000, 1_000, 1_000]
+    assert plan.done
+    assert any("4,000 not measured" in n for n in plan.notes)
+
+
+def test_tune_reads_a_short_input_again_for_sizes_it_could_not_finish(tmp_path):
+    path = tmp_path / "short.csv"
+    make_frame(24_000).write_csv(path)
+    result = cb.tune(cb.scan_csv(path, schema=SCHEMA).sink_parquet(tmp_path / "o.parquet"), sizes=[4_000, 12_000],
+                     repeats=2, budget=None)
+    # Warm-up, 4k, 12k, 4k, then the input ends: the second 12k batch is timed in a rerun.
+    assert result.runs >= 2
+    assert [len(p.runs) for p in result.points] == [2, 2]
+
+
+def test_tune_times_a_udf_pipeline_without_waiting_for_it_to_drain(big_csv, tmp_path, monkeypatch):
+    tune_mod = sys.modules["colbatch.tuning"]
+    monkeypatch.setattr(tune_mod, "_DRAIN_STALL_S", 0.5)
+
+    def double(df: pl.DataFrame) -> pl.DataFrame:
+        return df.with_columns(pl.col("amount") * 2)
+
+    pipeline = (cb.scan_csv(big_csv, schema=SCHEMA).map_batches(double, executor="threads", concurrency=2)
+                .sink_parquet(tmp_path / "o.parquet"))
+    result = cb.tune(pipeline, sizes=[4_000, 8_000], repeats=1, budget=None)
+    # A UDF stage holds several batches before it answers: a drain between sizes would stall it.
+    assert not any("did not drain" in n for n in result.notes)
+    assert [p.rows for p in result.points] == [4_000, 8_000]
 
 
 def test_tune_plot_is_a_png_and_shows_in_a_notebook(csv_path, tmp_path):
@@ -114,28 +177,6 @@ def test_python_m_colbatch_tune_help_runs():
     assert out.returncode == 0 and "--write" in out.stdout
 
 
-def test_tune_budget_is_a_share_of_a_full_runs_time(monkeypatch):
-    from types import SimpleNamespace
-
-    tune_mod = sys.modules["colbatch.tuning"]
-    monkeypatch.setattr(tune_mod, "DEFAULT_MIN_BUDGET_ROWS", 0)
-    now = [0.0]
-    plan = tune_mod._Budget(1_000_000, 0.1, clock=lambda: now[0])
-    assert plan.fits(10**9)  # nothing is known before the first run
-    # The first run read 10k rows of 10 bytes at 100k rows/s: the input has ~100k rows, a full
-    # run takes ~1 s, so tuning may take 0.1 s in all.
-    now[0] = 0.04  # 0.1 s of rows at 100k rows/s, plus 0.01 s of start-up and commit
-    plan.spent(SimpleNamespace(rows_read=3_000, stages=[SimpleNamespace(bytes_in=30_000)]), 100_000.0)
-    assert plan.input_rows == pytest.approx(100_000)
-    assert plan.fits(4_900)  # 0.04 s spent + 0.01 s fixed + 0.049 s
-    assert not plan.fits(6_000)  # 0.04 + 0.01 + 0.06 is past 0.1 s
-    # A faster size makes the full run, and so the budget, shorter.
-    plan.spent(SimpleNamespace(rows_read=4_000, stages=[SimpleNamespace(bytes_in=40_000)]), 200_000.0)
-    now[0] = 0.06
-    assert not plan.fits(1_000)  # budget now 0.05 s, already spent
-    assert tune_mod._Budget(None, 0.1).fits(10**9)  # unknown input size: no limit
-
-
 def test_tune_notes_every_size_it_left_out(tmp_path, monkeypatch):
     tune_mod = sys.modules["colbatch.tuning"]
     monkeypatch.setattr(tune_mod, "DEFAULT_MIN_BUDGET_ROWS", 0)
@@ -152,11 +193,18 @@ def test_tune_notes_every_size_it_left_out(tmp_path, monkeypatch):
         assert any(f"{size:,} not measured" in n for n in result.notes)
 
 
-def test_tune_without_a_budget_measures_every_size(csv_path, tmp_path):
+def test_tune_without_a_budget_measures_every_size(big_csv, tmp_path):
+    pipeline = cb.scan_csv(big_csv, schema=SCHEMA).sink_parquet(tmp_path / "o.parquet")
+    result = cb.tune(pipeline, sizes=[4_000, 8_000, 16_000, 32_000], repeats=1, budget=None)
+    assert [p.rows for p in result.points] == [4_000, 8_000, 16_000, 32_000]
+    assert result.runs == 1 and result.rows_read < 100_000
+
+
+def test_tune_sample_rows_caps_the_rows_read(csv_path, tmp_path):
     pipeline = cb.scan_csv(csv_path, schema=SCHEMA).sink_parquet(tmp_path / "o.parquet")
-    result = cb.tune(pipeline, sizes=[2_000, 8_000, 40_000], sample_rows=40_000, repeats=1, budget=None)
-    assert [p.rows for p in result.points] == [2_000, 8_000, 40_000]
-    assert result.rows_read == 3 * 40_000
+    result = cb.tune(pipeline, sizes=[4_000, 8_000, 16_000], repeats=1, sample_rows=20_000, budget=None)
+    assert [p.rows for p in result.points] == [4_000, 8_000]
+    assert any("16,000 not measured: past sample_rows=20,000" in n for n in result.notes)
 
 
 @pytest.mark.slow

@@ -101,20 +101,19 @@ class IterableSource(Source):
         """Yield the iterator's items, re-chunked to at most `batch_rows` rows."""
         row = 0
         for frame in self._items():
+            height = frame.height
+            if row + height <= skip_rows:
+                row += height
+                continue
             # Slices share their frame's schema: one that already matches needs no cast per batch.
             matches = frame.schema == self._schema
-            for start in range(0, max(frame.height, 1), batch_rows):
+            # A resumed read starts at `skip_rows`, the batches after it are whole.
+            for start in range(max(0, skip_rows - row), height, batch_rows):
                 part = frame.slice(start, batch_rows)
-                n = part.height
-                if n == 0 or row + n <= skip_rows:
-                    row += n
-                    continue
-                if row < skip_rows:
-                    part = part.slice(skip_rows - row)
-                first = max(row, skip_rows)
-                good = part if matches else self._conform(part, first, on_reject)[0]
-                yield Batch(good, split, first_row=first, rows_read=part.height, bytes_read=part.estimated_size())
-                row += n
+                good = part if matches else self._conform(part, row + start, on_reject)[0]
+                yield Batch(good, split, first_row=row + start, rows_read=part.height,
+                            bytes_read=part.estimated_size())
+            row += height
 
     def _conform(self, df: pl.DataFrame, first_row: int, on_reject: RejectFn):
         extra = [c for c in df.columns if c not in self._schema]
