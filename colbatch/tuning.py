@@ -164,7 +164,8 @@ class _Plan(BatchSizer):
                 self.notes.append(
                     f"batch size {size:,} not measured: past sample_rows={self.sample_rows:,}"
                     if self.budget() == self.sample_rows else
-                    f"batch size {size:,} not measured: {self.per_segment} batches of it would take tuning past "
+                    f"batch size {size:,} not measured: {'a batch' if self.per_segment == 1 else f'{self.per_segment} batches'} "
+                    f"of it would take tuning past "
                     f"{self.share or 0:.0%} of the time a full run of the input's ~{total or 0:,} rows takes")
             else:
                 fits.append(size)

@@ -33,7 +33,8 @@ DEFAULT_RUNS = 3
 BATCH_ROWS = 65_536
 # Simulated latency of the HTTP service in the I/O-bound case.
 HTTP_LATENCY_S = 0.010
-HTTP_BATCHES = 200
+# 20 full waves of 32 calls: the last wave is not a partial one, and start-up is a small share.
+HTTP_BATCHES = 640
 HTTP_BATCH_ROWS = 1_000
 HTTP_THREADS = 32
 FLAT_FACTOR = 10
@@ -162,7 +163,7 @@ def transport_share() -> dict[str, float]:
         out.release()
 
 
-def io_bench(runs: int = DEFAULT_RUNS) -> dict[str, float]:
+def io_bench(runs: int = DEFAULT_RUNS, batches: int = HTTP_BATCHES) -> dict[str, float]:
     """Median seconds, sequential vs threads, for a UDF that makes one ~10 ms HTTP call per batch.
 
     Two clients: a keep-alive connection per UDF instance (a class UDF, so one per thread, the way
@@ -197,7 +198,7 @@ def io_bench(runs: int = DEFAULT_RUNS) -> dict[str, float]:
 
     # Built once, outside the timing, like the CPU-bound contenders' input: the measurement is the
     # UDF's concurrency, not the generator's per-batch cost.
-    table = make_batch(0, HTTP_BATCHES * HTTP_BATCH_ROWS).to_arrow()
+    table = make_batch(0, batches * HTTP_BATCH_ROWS).to_arrow()
     cases = {f"{client}, {label}": (fn, executor) for client, fn in (("keep-alive", KeepAlive), ("urlopen", urlopen))
              for label, executor in (("sequential", "inline"), (f"{HTTP_THREADS} threads", "threads"))}
     times: dict[str, list[float]] = {k: [] for k in cases}
@@ -211,7 +212,7 @@ def io_bench(runs: int = DEFAULT_RUNS) -> dict[str, float]:
                           .foreach_batch(lambda df: None, retries=0)
                           .run(progress=False, batch_size=HTTP_BATCH_ROWS))
                 times[name].append(time.perf_counter() - t0)
-                assert report.rows_written == HTTP_BATCHES * HTTP_BATCH_ROWS and report.batches == HTTP_BATCHES
+                assert report.rows_written == batches * HTTP_BATCH_ROWS and report.batches == batches
     finally:
         server.kill()
         server.wait()
@@ -258,6 +259,8 @@ def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m colbatch bench udf", description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=DEFAULT_ROWS, help="rows of input (default %(default)s)")
     parser.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="runs per contender (default %(default)s)")
+    parser.add_argument("--http-batches", type=int, default=HTTP_BATCHES,
+                        help="batches (HTTP calls) of the I/O-bound case (default %(default)s)")
     parser.add_argument("--flat", action="store_true", help=f"peak RSS of colbatch at 1x and {FLAT_FACTOR}x rows")
     parser.add_argument("--flat-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(list(argv))
@@ -291,8 +294,8 @@ def main(argv: Sequence[str]) -> int:
     share = transport_share()
     print(f"\ntransport of one 64k batch (IPC into shared memory and back): {share['transport_ms']:.2f} ms vs "
           f"UDF {share['udf_ms']:.2f} ms → {share['share']:.1%} of worker time")
-    io = io_bench(args.runs)
-    print(f"\nI/O-bound UDF: {HTTP_BATCHES} batches, one ~{HTTP_LATENCY_S * 1e3:.0f} ms HTTP call each (127.0.0.1), "
+    io = io_bench(args.runs, args.http_batches)
+    print(f"\nI/O-bound UDF: {args.http_batches} batches, one ~{HTTP_LATENCY_S * 1e3:.0f} ms HTTP call each (127.0.0.1), "
           f"median of {args.runs} run(s)")
     for client in ("keep-alive", "urlopen"):
         seq, thr = io[f"{client}, sequential"], io[f"{client}, {HTTP_THREADS} threads"]

@@ -146,6 +146,9 @@ class UdfStage:
     def _collect(self, inflight: collections.deque[_Item]) -> _Item:
         """Block until the head item (ordered) or any item is done or has timed out."""
         candidates = [inflight[0]] if self.step.ordered else list(inflight)
+        for c in candidates:  # already done: skip `wait`'s set-up (~30 us a batch, much for small API batches)
+            if c.future.done():
+                return c
         while True:
             done, _ = wait([c.future for c in candidates], timeout=STOP_POLL_S, return_when=FIRST_COMPLETED)
             for c in candidates:
