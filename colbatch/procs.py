@@ -10,10 +10,17 @@ systems (or kernels without those files) fall back to psutil.
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import psutil
 
 _HAS_CHILDREN_FILES = os.path.exists(f"/proc/self/task/{os.getpid()}/children")
+# A process with many threads (a pool of 32 for an I/O-bound UDF) has as many `children` files:
+# the list is read again at most this often; the RSS of known children is read every time.
+CHILDREN_TTL_S = 1.0
+_cache: dict[int, tuple[float, list[int]]] = {}
+_cache_lock = threading.Lock()
 
 
 def _child_pids(pid: int) -> list[int]:
@@ -31,9 +38,30 @@ def _child_pids(pid: int) -> list[int]:
     return out
 
 
-def descendant_pids(pid: int | None = None) -> list[int]:
-    """Pids of the children of `pid` (default: this process), and theirs, recursively."""
+def descendant_pids(pid: int | None = None, *, max_age_s: float = CHILDREN_TTL_S) -> list[int]:
+    """Pids of the children of `pid` (default: this process), and theirs, recursively.
+
+    A list read less than `max_age_s` ago is reused (children that ended since are skipped by the callers).
+    """
     pid = os.getpid() if pid is None else pid
+    now = time.monotonic()
+    with _cache_lock:
+        hit = _cache.get(pid)
+    if hit is not None and now - hit[0] < max_age_s:
+        return list(hit[1])
+    found = _scan(pid)
+    with _cache_lock:
+        _cache[pid] = (now, found)
+    return list(found)
+
+
+def forget() -> None:
+    """Drop the cached lists: call after starting a child process, so the next sample counts it."""
+    with _cache_lock:
+        _cache.clear()
+
+
+def _scan(pid: int) -> list[int]:
     if not _HAS_CHILDREN_FILES:
         try:
             return [p.pid for p in psutil.Process(pid).children(recursive=True)]

@@ -25,6 +25,7 @@ from multiprocessing.connection import Connection, wait
 
 import polars as pl
 
+from colbatch import procs
 from colbatch.udf.transport import Segment, ipc_size, to_arrow, write_ipc
 from colbatch.udf.worker import Failure
 
@@ -208,6 +209,7 @@ class ProcessPool:
         finally:
             theirs.close()
         slot.process, slot.conn, slot.ready = proc, Connection(ours.detach()), False
+        procs.forget()  # memory samplers count the new worker from their next sample
         slot.conn.send_bytes(self._blob)
         self.stats.workers_started += 1
 
