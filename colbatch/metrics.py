@@ -45,14 +45,20 @@ class StageMetrics:
 
 
 class ByteQueue:
-    """FIFO bounded by item count and total bytes; one oversize item is always admitted."""
+    """FIFO bounded by item count and total bytes; one oversize item is always admitted.
+
+    One lock with two conditions (not empty, not full), each woken only by what it waits for:
+    on the per-batch path of small batches, waking every waiter at every put and get showed.
+    """
 
     def __init__(self, max_items: int, max_bytes: int) -> None:
         self._items: collections.deque = collections.deque()
         self._bytes = 0
         self._max_items = max_items
         self._max_bytes = max_bytes
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._not_empty = threading.Condition(self._lock)
+        self._not_full = threading.Condition(self._lock)
         self.max_depth = 0
 
     def __len__(self) -> int:
@@ -61,27 +67,29 @@ class ByteQueue:
 
     def put(self, item: Any, size: int, stop: threading.Event) -> bool:
         """Enqueue; blocks while full. Returns False when `stop` was set while waiting."""
-        with self._cond:
-            while self._items and (len(self._items) >= self._max_items or self._bytes + size > self._max_bytes):
+        with self._lock:
+            items = self._items
+            while items and (len(items) >= self._max_items or self._bytes + size > self._max_bytes):
                 if stop.is_set():
                     return False
-                self._cond.wait(0.1)
-            self._items.append((item, size))
+                self._not_full.wait(0.1)
+            items.append((item, size))
             self._bytes += size
-            self.max_depth = max(self.max_depth, len(self._items))
-            self._cond.notify_all()
+            if len(items) > self.max_depth:
+                self.max_depth = len(items)
+            self._not_empty.notify()
             return True
 
     def get(self, stop: threading.Event) -> Any:
         """Dequeue; blocks while empty. Returns None when `stop` was set while waiting."""
-        with self._cond:
+        with self._lock:
             while not self._items:
                 if stop.is_set():
                     return None
-                self._cond.wait(0.1)
+                self._not_empty.wait(0.1)
             item, size = self._items.popleft()
             self._bytes -= size
-            self._cond.notify_all()
+            self._not_full.notify()
             return item
 
 
