@@ -5,7 +5,7 @@ Three workloads, each run with `batch_size="auto"` and with every fixed size in
 drift on the machine hits all contenders alike:
 
 * `expr`: the events CSV → `with_columns` (expressions only) → zstd Parquet;
-* `udf`: a CPU-bound per-row Python UDF (`bench.udf.cpu_udf`) on 2 worker processes, CSV → Parquet;
+* `udf`: a CPU-bound per-row Python UDF (`bench.udfs.cpu_udf`) on 2 worker processes, CSV → Parquet;
 * `pg`: the events CSV → PostgreSQL (binary COPY) at `--dsn`.
 
 Throughput is rows read / the run's own elapsed time (interpreter start-up and
@@ -70,7 +70,7 @@ def _pipeline(spec: dict[str, Any]):
                                               pl.col("type").str.to_uppercase().alias("category"))
                 .sink_parquet(out))
     if kind == "udf":
-        from colbatch.bench.udf import cpu_udf
+        from colbatch.bench.udfs import cpu_udf
 
         return (cb.scan_csv(src, schema=UDF_SCHEMA)
                 .map_batches(cpu_udf, workers=2, schema={**UDF_SCHEMA, "score": "int64"})

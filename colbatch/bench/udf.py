@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import polars as pl
 
+from colbatch.bench.udfs import cpu_udf, score
+
 # The issue's size: start-up costs are small next to 2M rows of per-row Python work.
 DEFAULT_ROWS = 2_000_000
 DEFAULT_RUNS = 3
@@ -41,20 +43,6 @@ HTTP_BATCH_ROWS = 1_000
 HTTP_THREADS = 32
 FLAT_FACTOR = 10
 _MB = 1 << 20
-
-
-def score(name: str, x: float) -> int:
-    """Per-row Python: a polynomial string hash mixed with the amount, the kind of code Polars cannot vectorise."""
-    h = 7
-    for ch in name:
-        h = (h * 31 + ord(ch)) % 1_000_003
-    return (h + int(x * 100)) % 9973
-
-
-def cpu_udf(df: pl.DataFrame) -> pl.DataFrame:
-    """The CPU-bound UDF on a Polars batch."""
-    scores = [score(n, x) for n, x in zip(df["name"].to_list(), df["x"].to_list())]
-    return df.with_columns(pl.Series("score", scores, dtype=pl.Int64))
 
 
 def _row_score(row: dict) -> int:

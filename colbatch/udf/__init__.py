@@ -1,5 +1,16 @@
-"""Python UDFs over whole batches (`Pipeline.map_batches`) on inline, threads, processes or Dask executors."""
+"""Python UDFs over whole batches (`Pipeline.map_batches`) on inline, threads, processes or Dask executors.
 
-from colbatch.udf.step import MapBatches, resolve_function
+The exports load on first use: a worker process imports only `colbatch.udf.worker`.
+"""
+
+from typing import Any
 
 __all__ = ["MapBatches", "resolve_function"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from colbatch.udf import step
+
+        return getattr(step, name)
+    raise AttributeError(f"module 'colbatch.udf' has no attribute {name!r}")
