@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 from colbatch.lazy import duckdb
 import polars as pl
-import pyarrow as pa
 
+from colbatch.lazy import pyarrow as pa
 from colbatch.batch import Batch, Split
 from colbatch.duck import connect, quote_ident
 from colbatch.errors import ConfigError, SinkError

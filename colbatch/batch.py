@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import polars as pl
-import pyarrow as pa
+
+from colbatch.lazy import numpy as np
+from colbatch.lazy import pyarrow as pa
 
 
 @dataclass(frozen=True, slots=True)

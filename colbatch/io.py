@@ -6,9 +6,9 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-import pyarrow as pa
 import polars as pl
 
+from colbatch.lazy import pyarrow as pa
 from colbatch.pipeline import Pipeline
 from colbatch.sources.csv import CsvSource
 from colbatch.sources.memory import IterableSource, arrow_source

@@ -7,11 +7,10 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import polars as pl
 
-from colbatch.aggregate import AggregateSink, AggregateSpec, aggregate_sql, fill_report
 from colbatch.errors import ColbatchError, ConfigError
 from colbatch.ledger import JobIdentity, digest
 from colbatch.rejects import DEFAULT_KEEP_REJECTS, RejectCollector
@@ -36,6 +35,9 @@ from colbatch.steps import (
 )
 from colbatch.udf.step import DEFAULT_CONCURRENCY, ExecutorName, MapBatches
 from colbatch.udf.step import DEFAULT_RETRIES as DEFAULT_UDF_RETRIES
+
+if TYPE_CHECKING:  # the aggregate stage (DuckDB) loads when a pipeline uses it
+    from colbatch.aggregate import AggregateSpec
 
 log = logging.getLogger("colbatch")
 
@@ -112,9 +114,13 @@ class Pipeline:
         if self.aggregation is not None:
             raise ConfigError("the pipeline already has an aggregate stage; combine both into one query")
         if sql is None:
+            from colbatch.aggregate import aggregate_sql
+
             sql = aggregate_sql(by or [], aggs or [])
         if not isinstance(sql, str) or not sql.strip():
             raise ConfigError(f"`aggregate` sql must be a non-empty string, got {sql!r}", value=sql)
+        from colbatch.aggregate import AggregateSpec
+
         return replace(self, aggregation=AggregateSpec(sql))
 
     def map_batches(self, fn: Callable[[pl.DataFrame], pl.DataFrame] | type, *, workers: int = 1,
@@ -292,6 +298,8 @@ class Pipeline:
             raise ConfigError("the pipeline has no sink; call .sink_parquet/.sink_csv/.sink_ndjson/.foreach_batch first")
         sink = pipeline.sink.fresh()
         if pipeline.aggregation is not None:
+            from colbatch.aggregate import AggregateSink, fill_report
+
             o = pipeline.options
             sink = AggregateSink(pipeline.aggregation, sink, memory_limit=o.memory_limit, threads=o.threads,
                                  temp_directory=o.temp_directory)
@@ -319,7 +327,7 @@ class Pipeline:
             try:
                 runner.run(report)
             finally:
-                if isinstance(sink, AggregateSink):
+                if pipeline.aggregation is not None:
                     fill_report(report, sink)
             report.status = "succeeded"
         except BaseException as exc:

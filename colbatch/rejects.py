@@ -22,9 +22,9 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-import numpy as np
 import polars as pl
 
+from colbatch.lazy import numpy as np
 from colbatch.schema import cast_with_rejects
 
 if TYPE_CHECKING:

@@ -28,7 +28,7 @@ from colbatch.sinks.base import Sink
 from colbatch.sources.base import Source
 from colbatch.sources.files import is_transient
 from colbatch.steps import ROW_COL, Step
-from colbatch.udf.stage import StageStopped, UdfStage
+from colbatch.udf import StageStopped
 from colbatch.udf.step import MapBatches
 
 log = logging.getLogger("colbatch")
@@ -226,6 +226,8 @@ class Runner:
         """Chain the steps: runs of vectorised steps in this thread, each UDF as a pipelined stage."""
         stream, start = batches, 0
         cuts = [i for i, step in enumerate(self.steps) if isinstance(step, MapBatches)]
+        if cuts:
+            from colbatch.udf.stage import UdfStage  # process pools and their transport load with the first UDF
         for cut in [*cuts, len(self.steps)]:
             if cut > start:
                 stream = self._vectorised(stream, start, cut)

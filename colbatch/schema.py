@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Mapping
 
 import polars as pl
@@ -139,9 +141,20 @@ def infer_text_types(df: pl.DataFrame, *, min_share: float = DEFAULT_INFER_MIN_S
         out[name] = pl.String()
         if values.len() == 0:
             continue
+        n = values.len()
+        allowed = n - math.ceil(min_share * n)  # values that may fail to parse
         for cand in _CANDIDATES:
-            parsed = values.to_frame().select(_text_to(pl.col(name), cand).alias(name))[name]
-            if parsed.is_not_null().sum() >= min_share * values.len():
+            # A prefix with more failures than the whole sample may have rules the type out: text
+            # columns are dismissed after (1 - min_share) of their values, not all of them.
+            head = values.head(allowed + 1)
+            if head.len() < n and _parsed(head, name, cand) < head.len() - allowed:
+                continue
+            if _parsed(values, name, cand) >= n - allowed:
                 out[name] = cand
                 break
     return out
+
+
+def _parsed(values: pl.Series, name: str, dtype: pl.DataType) -> int:
+    """How many of the text `values` parse as `dtype`."""
+    return int(values.to_frame().select(_text_to(pl.col(name), dtype).is_not_null().sum())[0, 0])

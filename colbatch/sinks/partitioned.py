@@ -13,11 +13,11 @@ import os
 from urllib.parse import quote
 
 import polars as pl
-import pyarrow.parquet as pq
 
 from colbatch.batch import Batch
 from colbatch.duck import hive_type
 from colbatch.errors import ConfigError, SinkError
+from colbatch.lazy import pyarrow_parquet as pq
 from colbatch.manifest import write_manifest
 from colbatch.schema import align
 from colbatch.sinks.base import Sink, SinkResult, publish, remove_quietly, temp_path

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import errno
 import glob
-import gzip
 import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-import numpy as np
-
 from colbatch.batch import Split
 from colbatch.errors import SourceError
+from colbatch.lazy import numpy as np
 
 COMPRESSED_SUFFIXES = (".gz", ".gzip", ".zst", ".zstd")
 
@@ -116,6 +114,8 @@ def open_stream(path: str) -> BinaryIO:
     lower = path.lower()
     try:
         if lower.endswith((".gz", ".gzip")):
+            import gzip  # ~15 ms to import: only for .gz inputs
+
             return gzip.open(path, "rb")  # type: ignore[return-value]
         if lower.endswith((".zst", ".zstd")):
             return io.BufferedReader(_CheckedZstdReader(open(path, "rb")), buffer_size=1 << 20)  # type: ignore[return-value]

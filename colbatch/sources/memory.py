@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-import numpy as np
 import polars as pl
-import pyarrow as pa
 
+from colbatch.lazy import numpy as np
+from colbatch.lazy import pyarrow as pa
 from colbatch.batch import Batch, Split
 from colbatch.errors import ConfigError, SourceError
 from colbatch.rejects import cast_or_reject

@@ -7,9 +7,9 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 
-import numpy as np
 import polars as pl
 
+from colbatch.lazy import numpy as np
 from colbatch.batch import Batch, Split
 from colbatch.errors import ConfigError
 from colbatch.rejects import cast_or_reject, reject_frame

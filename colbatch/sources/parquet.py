@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 
-import numpy as np
 import polars as pl
-import pyarrow as pa
-import pyarrow.ipc as ipc
-import pyarrow.parquet as pq
 
+from colbatch.lazy import numpy as np
+from colbatch.lazy import pyarrow as pa
+from colbatch.lazy import pyarrow_ipc as ipc
+from colbatch.lazy import pyarrow_parquet as pq
 from colbatch.batch import Batch, Split
 from colbatch.errors import ConfigError
 from colbatch.schema import align, parse_schema

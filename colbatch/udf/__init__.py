@@ -8,6 +8,10 @@ from typing import Any
 __all__ = ["MapBatches", "resolve_function"]
 
 
+class StageStopped(Exception):
+    """The run was stopped by another stage while a UDF stage waited."""
+
+
 def __getattr__(name: str) -> Any:
     if name in __all__:
         from colbatch.udf import step

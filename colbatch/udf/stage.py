@@ -18,13 +18,14 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 
-import numpy as np
 import polars as pl
 
+from colbatch.lazy import numpy as np
 from colbatch.batch import Batch
 from colbatch.metrics import StageMetrics
 from colbatch.rejects import reject_frame
 from colbatch.steps import ROW_COL
+from colbatch.udf import StageStopped
 from colbatch.udf.backends import Backend, InlineBackend, make_backend
 from colbatch.udf.procpool import TaskTimeout, WorkerLost
 from colbatch.udf.step import MapBatches
@@ -32,10 +33,6 @@ from colbatch.udf.worker import Failure
 
 # How often a wait for results wakes up to notice that the run was stopped elsewhere.
 STOP_POLL_S = 0.2
-
-
-class StageStopped(Exception):
-    """The run was stopped by another stage while this one waited."""
 
 
 @dataclass(eq=False)  # identity: items are removed from the in-flight deque by object

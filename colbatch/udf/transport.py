@@ -11,7 +11,8 @@ from __future__ import annotations
 from multiprocessing import resource_tracker, shared_memory
 
 import polars as pl
-import pyarrow as pa
+
+from colbatch.lazy import pyarrow as pa
 
 # Segments are sized in powers of two from here, so a stream of similar batches settles on
 # one allocation per worker instead of resizing for every slightly larger batch.

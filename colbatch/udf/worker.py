@@ -13,13 +13,13 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from colbatch.lazy import cloudpickle
 import polars as pl
 
-from colbatch.udf.transport import attach, from_ipc_bytes, ipc_size, read_ipc, to_arrow, to_ipc_bytes, write_ipc
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
 
 # Worker-side cache of loaded functions, keyed by the UDF's token: a process that serves
 # many batches (a Dask or ProcessPool worker) unpickles and instantiates the UDF only once.
@@ -69,6 +69,8 @@ def call(fn: Callable[[pl.DataFrame], Any], df: pl.DataFrame) -> pl.DataFrame | 
 
 def run_ipc_task(token: str, blob: bytes, data: bytes) -> bytes | Failure:
     """Entry point on a generic executor (ProcessPoolExecutor, Dask): IPC bytes in, IPC bytes out."""
+    from colbatch.udf.transport import from_ipc_bytes, to_ipc_bytes
+
     result = call(load(token, blob), from_ipc_bytes(data))
     return result if isinstance(result, Failure) else to_ipc_bytes(result)
 
@@ -81,6 +83,8 @@ def process_main(conn: Connection) -> None:
     exit. Answers: `("ok", task_id, out_bytes, fn_s, transport_s)`,
     `("error", task_id, Failure)`, `("grow", task_id, bytes_needed)`.
     """
+    from colbatch.udf.transport import attach, ipc_size, read_ipc, to_arrow, write_ipc
+
     # Ctrl-C is the driver's to handle; a worker interrupted mid-batch would look like a crash.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     fn = instantiate(cloudpickle.loads(conn.recv_bytes()))
