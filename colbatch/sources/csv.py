@@ -34,6 +34,7 @@ from colbatch.sources.files import (
     open_stream,
     read_exact,
     read_failure,
+    readinto_exact,
     strip_compression,
 )
 
@@ -394,7 +395,7 @@ def _blocks(stream: io.RawIOBase, block_bytes: int | Callable[[], int], quote: b
                 buf = bytearray(need)
                 view = memoryview(buf)
             view[:len(rest)] = rest
-            got = _readinto(stream, view[len(rest):need])
+            got = readinto_exact(stream, view[len(rest):need])
             total = len(rest) + got
             if not got:
                 if total:
@@ -411,17 +412,6 @@ def _blocks(stream: io.RawIOBase, block_bytes: int | Callable[[], int], quote: b
             yield block
     finally:
         view.release()
-
-
-def _readinto(stream, view: memoryview) -> int:
-    """Fill `view` from `stream`, looping over short reads; fewer bytes only at end of stream."""
-    n = 0
-    while n < len(view):
-        got = stream.readinto(view[n:])
-        if not got:
-            break
-        n += got
-    return n
 
 
 def _records(block: bytes, quote: bytes, first_line: int) -> Iterator[tuple[int, bytes, bool]]:

@@ -158,6 +158,17 @@ def read_exact(stream: BinaryIO, size: int) -> bytes:
     return b"".join(parts) if len(parts) != 1 else parts[0]
 
 
+def readinto_exact(stream: BinaryIO, view: memoryview) -> int:
+    """Fill `view` from `stream`, looping over short reads; fewer bytes only at end of stream."""
+    n = 0
+    while n < len(view):
+        got = stream.readinto(view[n:])
+        if not got:
+            break
+        n += got
+    return n
+
+
 def line_offset(block: bytes, n: int) -> int:
     """Byte offset where line `n` (0-based) of `block` starts."""
     if n <= 0:

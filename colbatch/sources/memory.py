@@ -110,19 +110,20 @@ class IterableSource(Source):
             # A resumed read starts at `skip_rows`, the batches after it are whole.
             for start in range(max(0, skip_rows - row), height, batch_rows):
                 part = frame.slice(start, batch_rows)
-                good = part if matches else self._conform(part, row + start, on_reject)[0]
+                good = part if matches else self._conform(part, row + start, on_reject)
                 yield Batch(good, split, first_row=row + start, rows_read=part.height,
                             bytes_read=part.estimated_size())
             row += height
 
-    def _conform(self, df: pl.DataFrame, first_row: int, on_reject: RejectFn):
+    def _conform(self, df: pl.DataFrame, first_row: int, on_reject: RejectFn) -> pl.DataFrame:
+        """The frame in the source's schema: unknown columns dropped, values that do not fit rejected."""
         extra = [c for c in df.columns if c not in self._schema]
         if extra:
             self.notes.warnings.append(f"schema drift: `{self.label}` yielded unknown columns {extra} (dropped)")
             df = df.drop(extra)
         rows = np.arange(first_row, first_row + df.height, dtype=np.int64)
-        cast, kept = cast_or_reject(df, self._schema, source=self.label, lines=rows, on_reject=on_reject)
-        return align(cast, self._schema), df.height - len(kept)
+        cast, _ = cast_or_reject(df, self._schema, source=self.label, lines=rows, on_reject=on_reject)
+        return align(cast, self._schema)
 
 
 def arrow_source(data: pa.Table | pa.RecordBatchReader | pa.RecordBatch | pl.DataFrame) -> IterableSource:
