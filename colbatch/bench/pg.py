@@ -137,7 +137,8 @@ def colbatch_streams(dsn: str, csv: Path, table: str, streams: int) -> int:
         rows = encode(cast, types, typnames)
         with pool.connection() as conn, conn.cursor() as cur, cur.copy(copy_sql) as copy:
             copy.write(HEADER)
-            copy.write(rows.payload(0, len(rows)))
+            for piece in rows.payload(0, len(rows)):
+                copy.write(piece)
             copy.write(TRAILER)
 
     inflight: list[Future] = []

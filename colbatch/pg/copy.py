@@ -7,14 +7,17 @@ compute, and `binary_join_element_wise` concatenates the fields of each row in
 C++. The joined array's data buffer is then exactly the COPY payload, and any
 row range `[lo, hi)` of it is a zero-copy slice — which is what bisection of
 bad rows needs.
+
+A unit is encoded in chunks of `CHUNK_ROWS` rows, each when a payload first
+reaches it: the server loads one chunk while the client encodes the next, where
+encoding the whole unit first would leave the server idle meanwhile.
 """
 
 from __future__ import annotations
 
 import itertools
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import polars as pl
@@ -33,19 +36,43 @@ _PG_EPOCH_US = _PG_EPOCH_DAYS * 86_400 * 1_000_000
 _BIG_ENDIAN = {"bool": "u1", "int2": ">i2", "int4": ">i4", "int8": ">i8", "float4": ">f4", "float8": ">f8"}
 
 
-@dataclass
-class EncodedRows:
-    """A batch encoded as binary COPY rows; `payload(lo, hi)` is the bytes of rows `[lo, hi)`."""
+# Rows encoded at a time. Measured, 1M events rows x 7 columns COPYed from memory in 131k-row units:
+# 0.76 s encoding each unit whole before sending it, 0.59-0.60 s in chunks of 16k or 32k rows.
+CHUNK_ROWS = 32_768
 
-    data: memoryview
-    offsets: np.ndarray
+
+class EncodedRows:
+    """A unit's rows as binary COPY rows, encoded chunk by chunk on first use and then kept.
+
+    `payload(lo, hi)` yields the bytes of rows `[lo, hi)` as zero-copy slices of the chunks, encoding
+    a chunk only when the iteration reaches it, so a caller writing each slice to a COPY overlaps the
+    server's work on one chunk with the encoding of the next. Kept chunks serve retries and bisection.
+    """
+
+    def __init__(self, df: pl.DataFrame, types: Sequence[PgType], typnames: Sequence[str], *,
+                 chunk_rows: int | None = None) -> None:
+        self._df, self._types, self._typnames = df, types, typnames
+        self._chunk_rows = max(1, chunk_rows or CHUNK_ROWS)
+        self._chunks: dict[int, tuple[memoryview, np.ndarray]] = {}
 
     def __len__(self) -> int:
-        return len(self.offsets) - 1
+        return self._df.height
 
-    def payload(self, lo: int, hi: int) -> memoryview:
-        """Bytes of rows `[lo, hi)`, without copying."""
-        return self.data[int(self.offsets[lo]):int(self.offsets[hi])]
+    def payload(self, lo: int, hi: int) -> Iterator[memoryview]:
+        """Bytes of rows `[lo, hi)`, a slice of each chunk they span, without copying."""
+        size = self._chunk_rows
+        while lo < hi:
+            index, base = divmod(lo, size)
+            data, offsets = self._chunk(index)
+            end = min(hi - index * size, len(offsets) - 1)
+            yield data[int(offsets[base]):int(offsets[end])]
+            lo = index * size + end
+
+    def _chunk(self, index: int) -> tuple[memoryview, np.ndarray]:
+        if index not in self._chunks:
+            start = index * self._chunk_rows
+            self._chunks[index] = _encode(self._df.slice(start, self._chunk_rows), self._types, self._typnames)
+        return self._chunks[index]
 
 
 def conform(df: pl.DataFrame, types: Sequence[PgType]) -> tuple[pl.DataFrame, np.ndarray | None]:
@@ -90,7 +117,12 @@ def _json_text(name: str, dtype: pl.DataType) -> pl.Expr:
 
 
 def encode(df: pl.DataFrame, types: Sequence[PgType], typnames: Sequence[str]) -> EncodedRows:
-    """Encode a frame already passed through `conform` as binary COPY rows (no header or trailer).
+    """A frame already passed through `conform` as binary COPY rows (no header or trailer), encoded lazily."""
+    return EncodedRows(df, types, typnames)
+
+
+def _encode(df: pl.DataFrame, types: Sequence[PgType], typnames: Sequence[str]) -> tuple[memoryview, np.ndarray]:
+    """Encode rows at once: the COPY bytes and the offsets of the rows in them (one more than rows).
 
     Fixed-width pieces of a row (the field count, non-null numbers and dates, the length prefixes of
     text fields) are laid side by side in one NumPy matrix per run, so the one Arrow join that
@@ -98,7 +130,7 @@ def encode(df: pl.DataFrame, types: Sequence[PgType], typnames: Sequence[str]) -
     """
     n = df.height
     if n == 0:
-        return EncodedRows(memoryview(b""), np.zeros(1, dtype=np.int64))
+        return memoryview(b""), np.zeros(1, dtype=np.int64)
     count = np.broadcast_to(np.frombuffer(np.array([df.width], dtype=">i2").tobytes(), dtype=np.uint8), (n, 2))
     pieces = [count]
     for col, pg, typname in zip(df.get_columns(), types, typnames):
@@ -113,7 +145,7 @@ def encode(df: pl.DataFrame, types: Sequence[PgType], typnames: Sequence[str]) -
     width = 8 if pa.types.is_large_binary(rows.type) else 4
     offsets = np.frombuffer(rows.buffers()[1], dtype=np.int64 if width == 8 else np.int32,
                             count=n + 1, offset=rows.offset * width).astype(np.int64)
-    return EncodedRows(memoryview(rows.buffers()[2]), offsets)
+    return memoryview(rows.buffers()[2]), offsets
 
 
 def _fields(s: pl.Series, pg: PgType, typname: str) -> list[pa.Array | np.ndarray]:

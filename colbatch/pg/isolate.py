@@ -116,7 +116,8 @@ class IsolatingLoader:
         try:
             with cur.copy(self.copy_sql) as copy:
                 copy.write(HEADER)
-                copy.write(rows.payload(lo, hi))
+                for piece in rows.payload(lo, hi):
+                    copy.write(piece)
                 copy.write(TRAILER)
             if self.after_copy is not None:
                 self.after_copy(cur)

@@ -171,6 +171,41 @@ def test_postgres_sparse_bad_rows_are_all_isolated(pg_dsn, pg_schema):
     assert _count(pg_dsn, pg_schema, "c") == 20_000 - len(bad)
 
 
+def test_encoded_rows_payload_spans_chunks_byte_for_byte():
+    from colbatch.pg.copy import EncodedRows, conform
+    from colbatch.pg.types import check_compatible, pg_type_for
+
+    df = make_frame(1000).with_columns(type=pl.when(pl.col("id") % 7 == 0).then(None).otherwise(pl.col("type")))
+    typnames = {c: pg_type_for(c, d) for c, d in df.schema.items()}
+    found = check_compatible(df.schema, typnames, target="t")
+    types = [found[c] for c in df.columns]
+    cast, _ = conform(df, types)
+    whole = EncodedRows(cast, types, list(typnames.values()), chunk_rows=10_000)
+    chunked = EncodedRows(cast, types, list(typnames.values()), chunk_rows=64)
+    for lo, hi in [(0, 1000), (0, 64), (63, 65), (100, 900), (999, 1000), (640, 640)]:
+        assert b"".join(chunked.payload(lo, hi)) == b"".join(whole.payload(lo, hi)), (lo, hi)
+    assert len(list(chunked.payload(0, 1000))) == 16  # one slice per chunk spanned
+    rows = [b"".join(whole.payload(i, i + 1)) for i in range(1000)]
+    assert all(r[:2] == df.width.to_bytes(2, "big") for r in rows)  # every row starts with its field count
+    assert b"".join(rows) == b"".join(whole.payload(0, 1000))
+
+
+def test_postgres_bad_rows_across_encoding_chunks_are_all_isolated(pg_dsn, pg_schema, monkeypatch):
+    import colbatch.pg.copy
+
+    monkeypatch.setattr(colbatch.pg.copy, "CHUNK_ROWS", 700)  # units of 5,000 rows span 8 chunks
+    pg_query(pg_dsn, sql.SQL("CREATE TABLE {} (id bigint UNIQUE, amount double precision CHECK (amount > -1000), "
+                             "type text NOT NULL)").format(_ident(pg_schema, "c")))
+    df = make_frame(20_000).with_columns(
+        amount=pl.when((pl.col("id") % 701 == 0) | (pl.col("id") == 1400)).then(-5000.0).otherwise(pl.col("amount")))
+    report = cb.from_arrow(df).sink_postgres(pg_dsn, "c", schema=pg_schema).run(progress=False, batch_size=5000)
+    assert_accounting(report)
+    bad = df.filter((pl.col("id") % 701 == 0) | (pl.col("id") == 1400))["id"].to_list()
+    assert sorted(int(i) for i in report.rejects["id"]) == bad
+    loaded = pg_frame(pg_dsn, pg_schema, "c", order_by="id")["id"].to_list()
+    assert loaded == [i for i in df["id"].to_list() if i not in set(bad)]
+
+
 def test_postgres_resume_skips_committed_units_and_refuses_a_changed_job(pg_dsn, pg_schema):
     df = make_frame(1000)
     calls = {"n": 0}
