@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 import polars as pl
 
+from colbatch import lazy
 from colbatch.errors import ConfigError
 
 DTYPES: dict[str, pl.DataType] = {
@@ -75,6 +76,53 @@ def _text_to(expr: pl.Expr, dtype: pl.DataType) -> pl.Expr:
     return expr.cast(dtype, strict=False)
 
 
+# Arrow's ISO 8601 parser takes a text column to dates or naive datetimes ~10x faster than Polars'
+# `to_datetime` (1M values: 17 ms against 190 ms). It accepts `YYYY-MM-DD`, then `T` or a space and
+# `hh:mm`, `hh:mm:ss` or `hh:mm:ss.fff...`, and refuses the whole column when one value is not that.
+# A refused value goes through Polars, with its inferred format; ISO values Polars leaves out are
+# found by splitting the rest, at most `_ISO_RESCUE_CASTS` Arrow casts per column and batch.
+_ISO_RESCUE_CASTS = 256
+
+
+def iso_type(dtype: pl.DataType):
+    """The Arrow type to parse text into, for dates and naive datetimes (else None)."""
+    if dtype == pl.Date:
+        return lazy.pyarrow.date32()
+    if isinstance(dtype, pl.Datetime) and dtype.time_zone is None:
+        return lazy.pyarrow.timestamp(dtype.time_unit or "us")
+    return None
+
+
+def iso_cast(values: pl.Series, dtype: pl.DataType) -> pl.Series | None:
+    """The text series parsed by Arrow's ISO 8601 parser, or None when a value is not ISO 8601."""
+    pa = lazy.pyarrow
+    try:
+        arr = values.to_arrow().cast(pa.large_string()).cast(iso_type(dtype))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    return pl.Series(values.name, arr).cast(dtype)
+
+
+def _iso_rescue(values: pl.Series, parsed: pl.Series, miss: pl.Series, dtype: pl.DataType) -> pl.Series:
+    """`parsed` with the `miss` rows that are ISO 8601 filled in, found by halving the rows Arrow refuses."""
+    rows, values = miss.arg_true(), values.str.strip_chars()
+    found: list[pl.Series] = []
+    pending, casts = [(0, len(rows))], 0
+    while pending and casts < _ISO_RESCUE_CASTS:
+        lo, hi = pending.pop()
+        casts += 1
+        piece = rows.slice(lo, hi - lo)
+        out = iso_cast(values.gather(piece), dtype)
+        if out is not None:
+            found.append(pl.DataFrame({"i": piece, "v": out}))
+        elif hi - lo > 1:
+            pending += [((lo + hi) // 2, hi), (lo, (lo + hi) // 2)]
+    if not found:
+        return parsed
+    fill = pl.concat(found)
+    return parsed.scatter(fill["i"], fill["v"])
+
+
 def cast_with_rejects(
     df: pl.DataFrame, schema: Mapping[str, pl.DataType]
 ) -> tuple[pl.DataFrame, pl.Series | None]:
@@ -89,11 +137,22 @@ def cast_with_rejects(
     targets = {c: t for c, t in schema.items() if c in have and have[c] != t}
     if not targets:
         return df, None
-    exprs = {}
+    exprs: dict[str, pl.Expr | pl.Series] = {}
+    iso = []  # text columns to dates or naive datetimes whose values are not all ISO 8601
     for col, dtype in targets.items():
         src = pl.col(col)
-        exprs[col] = _text_to(src, dtype) if have[col] == pl.String else src.cast(dtype, strict=False)
+        if have[col] != pl.String:
+            exprs[col] = src.cast(dtype, strict=False)
+        elif iso_type(dtype) is not None and (fast := iso_cast(df[col], dtype)) is not None:
+            exprs[col] = fast
+        else:
+            exprs[col] = _text_to(src, dtype)
+            iso += [col] if iso_type(dtype) is not None else []
     cast = df.with_columns(**exprs)
+    for col in iso:  # ISO 8601 values Polars missed (its format is inferred from one value) are taken still
+        if (cast[col].dtype == targets[col]
+                and (miss := df[col].is_not_null() & cast[col].is_null()).any()):
+            cast = cast.with_columns(_iso_rescue(df[col], cast[col], miss, targets[col]))
     reason: pl.Expr = pl.lit(None, dtype=pl.String)
     any_bad = False
     checks = []

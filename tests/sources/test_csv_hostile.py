@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import gzip
 import re
 from pathlib import Path
@@ -60,6 +61,40 @@ def test_unparsable_values_under_schema_rejected_with_stage_cast(write):
     assert out["id"].to_list() == [1, 4]
     # the rejected row's values travel as text
     assert report.rejects.sort("_line")["amount"].to_list() == ["3.5", "abc"]
+
+
+def test_iso_dates_and_datetimes_parse_whatever_else_the_batch_holds(write):
+    # ISO 8601 forms are taken in every batch, with or without a bad value beside them (Arrow's parser
+    # first, Polars' inferred format for the rest); what is not a date is rejected with its line.
+    body = (b"id,ts,d\n"
+            b"1,2024-08-21T12:05:01.000,2024-01-02\n"
+            b"2,2024-08-21 12:05:01,2024-01-03\n"
+            b"3,2024-08-21,\n"
+            b"4,not a time,2024-13-01\n"
+            b"5, 2024-08-22T00:00:01.5 ,2024-01-05\n"
+            b"6,21/08/2024 12:05,2024-01-06\n")
+    p = write("dates.csv", body)
+    schema = {"id": "int64", "ts": "datetime", "d": "date"}
+    for batch_size in (6, 3, 1):  # the bad row alone, with ISO neighbours, and in a batch of all forms
+        report, out = run_csv(p, schema=schema, batch_size=batch_size)
+        assert_rejects(report, [(5, "cast", "`ts` value 'not a time' to datetime"), (7, "cast", "`ts` value")])
+        assert out["id"].to_list() == [1, 2, 3, 5]
+        assert out["ts"].to_list() == [dt.datetime(2024, 8, 21, 12, 5, 1), dt.datetime(2024, 8, 21, 12, 5, 1),
+                                       dt.datetime(2024, 8, 21), dt.datetime(2024, 8, 22, 0, 0, 1, 500_000)]
+        assert out["d"].cast(pl.String).to_list() == ["2024-01-02", "2024-01-03", None, "2024-01-05"]
+    # A clean file (the fast path: every value ISO 8601).
+    p = write("iso.csv", b"id,ts,d\n1,2024-08-21T12:05:01.000,2024-01-02\n2,2024-08-21 12:05:01,\n")
+    report, out = run_csv(p, schema=schema)
+    assert report.rows_rejected == 0 and out.schema["ts"] == pl.Datetime("us") and out.schema["d"] == pl.Date
+    assert out["ts"].to_list() == [dt.datetime(2024, 8, 21, 12, 5, 1)] * 2
+    assert out["d"].to_list() == [dt.date(2024, 1, 2), None]
+    # A batch whose first value sets another format for Polars keeps its ISO values, as it would alone.
+    p = write("dmy.csv", b"id,ts\n1,21/08/2024 12:05\n2,2024-08-21T12:05:01\n3,22/08/2024 13:00\n")
+    for batch_size in (3, 1):
+        report, out = run_csv(p, schema={"id": "int64", "ts": "datetime"}, batch_size=batch_size)
+        assert report.rows_rejected == 0
+        assert out["ts"].to_list() == [dt.datetime(2024, 8, 21, 12, 5), dt.datetime(2024, 8, 21, 12, 5, 1),
+                                       dt.datetime(2024, 8, 22, 13)]
 
 
 def test_invalid_utf8_row_rejected(write):
