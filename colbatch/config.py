@@ -160,10 +160,10 @@ def _sink(pipeline: Pipeline, sink: Any) -> Pipeline:
         raise ConfigError("the job file needs a `[sink]` table with a `path`")
     path = str(sink["path"])
     if path.startswith(PG_SCHEMES):
-        _check_keys(sink, ("path", "table", "mode", "key", "schema", "retries"), "[sink]")
+        _check_keys(sink, ("path", "table", "mode", "key", "schema", "retries", "streams"), "[sink]")
         if "table" not in sink:
             raise ConfigError("a PostgreSQL `[sink]` needs a `table`")
-        opts = {k: sink[k] for k in ("mode", "key", "schema", "retries") if k in sink}
+        opts = {k: sink[k] for k in ("mode", "key", "schema", "retries", "streams") if k in sink}
         return pipeline.sink_postgres(path, sink["table"], **opts)
     _check_keys(sink, ("path", "format", "compression", "compression_level", "row_group_size", "partition_by",
                        "separator", "part_rows", "escape_formulas", "table", "mode"), "[sink]")

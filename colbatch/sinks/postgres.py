@@ -25,14 +25,26 @@ transaction never commits is not in the ledger, and a resumed run removes it.
 The parts are merged into the rejects file before the ledger says finished.
 Before each unit, the lock's session notes how far the sink has been sent (a
 ledger mark outside the unit transactions), so a resumed run reports `rows_redone`.
+
+Parallel streams (`streams`, default 2 where it is safe): units are COPYed on
+several pooled connections at once (`psycopg_pool`), so several server
+processes ingest while the client prepares the next unit, but each unit cuts
+its rejects part, writes its ledger row and commits only after the unit before
+it committed. Committed units therefore stay a prefix of the input, which resume
+relies on. A table with a unique index, an exclusion constraint or a user trigger,
+and `upsert`, load on one stream: there two open units could wait on each other's
+rows (a unique key in both), one in the server and the other for its turn to commit.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal
 
 import numpy as np
@@ -63,6 +75,30 @@ DEFAULT_BACKOFF_S = 0.2
 DEFAULT_BACKOFF_CAP_S = 10.0
 # PostgreSQL silently truncates longer identifiers (NAMEDATALEN - 1), which would not round-trip.
 MAX_IDENTIFIER_BYTES = 63
+# COPY streams where they are safe. Measured (`bench pg`, 1M rows, sink encoder, one transaction per
+# batch): two streams 0.77 s against 0.91 s for one; the server's ingest is the bound on one stream.
+DEFAULT_STREAMS = 2
+
+
+class _Turn:
+    """A unit's place in the commit order: it commits after the unit before it did."""
+
+    def __init__(self, previous: _Turn | None) -> None:
+        self.previous = previous
+        self.done = threading.Event()
+        self.ok = False
+
+    def wait_previous(self) -> bool:
+        """Wait until the unit before has committed or failed; True when it committed (or there is none)."""
+        previous, self.previous = self.previous, None  # no chain of every unit kept alive
+        if previous is None:
+            return True
+        previous.done.wait()
+        return previous.ok
+
+    def finish(self, ok: bool) -> None:
+        self.ok = ok
+        self.done.set()
 
 
 def check_identifier(name: str, what: str) -> str:
@@ -86,8 +122,11 @@ class PostgresSink(Sink):
 
     def __init__(self, dsn: str, table: str, *, mode: Mode = "append", key: str | Sequence[str] | None = None,
                  schema: str | None = None, retries: int = DEFAULT_RETRIES, backoff_s: float = DEFAULT_BACKOFF_S,
-                 ledger_table: str = DEFAULT_LEDGER_TABLE, sleep: Callable[[float], None] = time.sleep) -> None:
+                 ledger_table: str = DEFAULT_LEDGER_TABLE, sleep: Callable[[float], None] = time.sleep,
+                 streams: int | None = None) -> None:
         psycopg()
+        if streams is not None and (not isinstance(streams, int) or streams < 1):
+            raise ConfigError(f"`streams` must be a positive integer, got {streams!r}", value=streams)
         if mode not in MODES:
             raise ConfigError(f"`mode` must be one of {', '.join(MODES)}, got {mode!r}", value=mode)
         keys = [key] if isinstance(key, str) else list(key or [])
@@ -115,6 +154,16 @@ class PostgresSink(Sink):
         self._lock_conn: Any = None
         # Durable rejects parts named by committed units (listed by the ledger on resume, then this run's).
         self._parts: list[str] = []
+        # Parallel streams: the requested count (None: DEFAULT_STREAMS where safe), the count in use,
+        # pooled connections for the stream threads, units in flight and the last unit's turn.
+        self._streams_wanted = streams
+        self.streams = 1
+        self._pool: Any = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._inflight: collections.deque[Future] = collections.deque()
+        self._last_turn: _Turn | None = None
+        self._stopping = False
+        self._local = threading.local()  # a stream thread's connection
 
     # -- description ------------------------------------------------------------------------
 
@@ -134,17 +183,30 @@ class PostgresSink(Sink):
     # -- connection and retries -------------------------------------------------------------
 
     def _connection(self) -> Any:
+        if getattr(self._local, "stream", False):  # a stream thread: a connection of the pool
+            conn = self._local.conn
+            if conn is None or conn.closed:
+                if conn is not None:
+                    self._pool.putconn(conn)
+                conn = self._local.conn = self._pool.getconn()
+            return conn
         if self._conn is None or self._conn.closed:
             self._conn = connect(self._dsn)
         return self._conn
 
     def _drop_connection(self) -> None:
-        conn, self._conn = self._conn, None
+        stream = getattr(self._local, "stream", False)
+        if stream:
+            conn, self._local.conn = self._local.conn, None
+        else:
+            conn, self._conn = self._conn, None
         if conn is not None:
             try:
                 conn.close()
             except Exception:  # the connection is already broken; nothing to release
                 pass
+            if stream:
+                self._pool.putconn(conn)  # the pool discards a closed connection and opens another
 
     def _transact(self, work: Callable[[Any, int], Any], what: str) -> Any:
         """Run `work(cursor, attempt)` in one transaction and commit, retrying transient failures on a new connection."""
@@ -292,6 +354,7 @@ class PostgresSink(Sink):
         if self.mode == "replace":
             self._load_table = _staging_name(self.table, self._job.job_id)
         self._transact(lambda cur, _: self._prepare(cur, schema), "preparing the table")
+        self._start_streams()
         self._screen = Screen(rules_for(self._catalog[0], self._catalog[1], self._columns),
                               conform(pl.DataFrame(schema=schema), self._types)[0])
         self._loader = IsolatingLoader(self._copy_sql(), stats=self.stats,
@@ -322,6 +385,33 @@ class PostgresSink(Sink):
         # The constraints rows must pass: the target's (upsert merges into it), else the table COPY writes.
         oid = self._table_oid(cur, self.table if self.mode == "upsert" else self._load_table)
         self._catalog = load_catalog(cur, oid)
+
+    def _start_streams(self) -> None:
+        """Use parallel COPY streams when asked for (or by default) and safe for the table."""
+        wanted = DEFAULT_STREAMS if self._streams_wanted is None else self._streams_wanted
+        self.streams, self._stopping, self._last_turn = 1, False, None
+        if wanted <= 1:
+            return
+        why = "mode upsert" if self.mode == "upsert" else self._transact(self._serial_reason, "reading the table")
+        if why:
+            log.debug("PostgreSQL sink: one COPY stream (%s)", why)
+            return
+        from psycopg_pool import ConnectionPool
+
+        self.streams = wanted
+        self._pool = ConnectionPool(self._dsn, min_size=wanted, max_size=wanted, open=True,
+                                    kwargs={"application_name": "colbatch"}, name="colbatch")
+        self._executor = ThreadPoolExecutor(wanted, thread_name_prefix="colbatch-copy")
+
+    def _serial_reason(self, cur: Any, _: int) -> str | None:
+        """Why units of the load table must go one at a time, or None (see the module docstring)."""
+        oid = self._table_oid(cur, self._load_table)
+        unique, exclusion, triggers = cur.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_index WHERE indrelid = %s AND indisunique), "
+            "EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = %s AND contype = 'x'), "
+            "EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = %s AND NOT tgisinternal)", (oid, oid, oid)).fetchone()
+        return ("a unique index" if unique else "an exclusion constraint" if exclusion
+                else "a trigger" if triggers else None)
 
     def _table_oid(self, cur: Any, table: str) -> int | None:
         return cur.execute("SELECT to_regclass(%s)::oid", (self._ident(table).as_string(cur.connection),)).fetchone()[0]
@@ -355,9 +445,15 @@ class PostgresSink(Sink):
             self._ident(self.table), cols, keys, cols, keys, keys, action))
 
     def write(self, batch: Batch) -> None:
-        """COPY one batch as one unit with its ledger row and rejects part in one transaction (retried if transient)."""
+        """COPY one batch as one unit with its ledger row and rejects part in one transaction (retried if transient).
+
+        On parallel streams the unit goes to a stream thread, and this waits only while `streams`
+        units are in flight; a failed unit's error is raised by a later call (or by `commit`).
+        """
         assert self._job is not None
         job = self._job
+        while self._inflight and (self._inflight[0].done() or len(self._inflight) >= self.streams):
+            self._inflight.popleft().result()()  # a free stream first: at most `streams` units sent, not committed
         end_row = batch.first_row + batch.rows_read
         self._mark(batch.split.id, end_row)
         # Positions of the rows in the batch as read (earlier steps may have filtered or rejected some).
@@ -369,6 +465,8 @@ class PostgresSink(Sink):
         frame, positions, pieces = self._screened(frame, positions)
         encoded = encode(frame, self._types, self._typnames)
         outcome: dict[str, Any] = {}
+        turn = _Turn(self._last_turn) if self.streams > 1 else None
+        self._last_turn = turn
 
         def work(cur: Any, attempt: int) -> UnitResult:
             if attempt and "result" in outcome and self._ledger.has_unit(cur, job.job_id, batch.split.id,
@@ -377,6 +475,11 @@ class PostgresSink(Sink):
             if self.mode == "upsert":
                 self._create_stage(cur)
             result = self._loader.load(cur, encoded, pieces)
+            if turn is not None:  # commit in input order: committed units stay a prefix
+                if not turn.wait_previous():
+                    raise SinkError("an earlier unit failed to load; this one was rolled back", table=self.table)
+                if self._stopping:
+                    raise SinkError("the run stopped; this unit was rolled back", table=self.table)
             bad = [(int(positions[b.index]), f"SQLSTATE {b.sqlstate}: {b.message}") for b in result.bad]
             if lost is not None:
                 bad += [(int(i), "SQLSTATE 22003: value out of range for the column's PostgreSQL type")
@@ -388,15 +491,41 @@ class PostgresSink(Sink):
             outcome["result"], outcome["bad"] = result, bad
             return result
 
-        result = self._transact(work, f"rows {batch.first_row}+ of split `{batch.split.id}`")
-        self._rows += result.loaded
-        bad = outcome["bad"]
-        if outcome.get("part"):
-            self._parts.append(outcome["part"])
-        if self.reject_units is not None:
-            self._rejected += len(bad)  # already with the runner's rejects, in the committed part
-        elif bad:
-            self._reject(batch, df, bad, read_pos)
+        def settle(result: UnitResult) -> None:
+            self._rows += result.loaded
+            bad = outcome["bad"]
+            if outcome.get("part"):
+                self._parts.append(outcome["part"])
+            if self.reject_units is not None:
+                self._rejected += len(bad)  # already with the runner's rejects, in the committed part
+            elif bad:
+                self._reject(batch, df, bad, read_pos)
+
+        what = f"rows {batch.first_row}+ of split `{batch.split.id}`"
+        if turn is None:
+            settle(self._transact(work, what))
+            return
+
+        def stream() -> Callable[[], None]:
+            self._local.stream, self._local.conn = True, None
+            ok = False
+            try:
+                result = self._transact(work, what)
+                ok = True
+                return lambda: settle(result)
+            finally:
+                turn.finish(ok)
+                conn, self._local.conn = self._local.conn, None
+                if conn is not None:
+                    self._pool.putconn(conn)  # rolled back by the pool if a failure left it in a transaction
+
+        assert self._executor is not None
+        self._inflight.append(self._executor.submit(stream))
+
+    def _drain(self) -> None:
+        """Wait for the units in flight, in order; raises the first unit's error."""
+        while self._inflight:
+            self._inflight.popleft().result()()
 
     def _cut(self, batch: Batch, df: pl.DataFrame, bad: list[tuple[int, str]], read_pos: np.ndarray | None,
              outcome: dict[str, Any]) -> str | None:
@@ -460,6 +589,7 @@ class PostgresSink(Sink):
         """
         assert self._job is not None
         job = self._job
+        self._drain()  # the split's units commit before it is marked complete
         part = self.reject_units.cut(split.index, rows) if self.reject_units is not None else None
         self._transact(lambda cur, _: self._ledger.record(cur, job, self.describe(), split.id, rows, 0, 0, 0,
                                                           complete=True, rejects=part), f"closing split `{split.id}`")
@@ -470,6 +600,7 @@ class PostgresSink(Sink):
         """Units are already committed; `replace` now swaps the staging table in, atomically."""
         assert self._job is not None
         job = self._job
+        self._drain()
         if self.reject_units is not None:
             # Before the ledger says finished: a kill in between redoes this merge, from the same parts.
             self.reject_units.publish(sorted(set(self._parts)))
@@ -494,6 +625,11 @@ class PostgresSink(Sink):
 
     def _close(self) -> None:
         self._drop_connection()
+        executor, pool, self._executor, self._pool = self._executor, self._pool, None, None
+        if executor is not None:
+            executor.shutdown(wait=True)
+        if pool is not None:
+            pool.close()
         self._unlock()
         if self._screen is not None:
             self._screen.close()
@@ -501,6 +637,9 @@ class PostgresSink(Sink):
 
     def abort(self, error: BaseException | None) -> None:
         """Roll back the open unit (committed units stay, recorded in the ledger for resume); never raises."""
+        self._stopping = True  # units in flight that have not committed roll back
+        while self._inflight:
+            self._inflight.popleft().exception()
         try:
             if self._conn is not None and not self._conn.closed:
                 self._conn.rollback()

@@ -289,6 +289,89 @@ def test_postgres_terminated_connection_is_retried_without_duplicates(pg_dsn, pg
     assert got["id"].to_list() == list(range(1, 2001))
 
 
+def test_postgres_parallel_streams_load_every_unit_once_in_order(pg_dsn, pg_schema):
+    df = make_frame(20_000).with_columns(amount=pl.when(pl.col("id") % 1999 == 0).then(-5000.0)
+                                         .otherwise(pl.col("amount")))
+    pg_query(pg_dsn, sql.SQL("CREATE TABLE {} (id bigint, amount double precision CHECK (amount > -1000), "
+                             "type text)").format(_ident(pg_schema, "p")))
+    pipeline = cb.from_arrow(df).sink_postgres(pg_dsn, "p", schema=pg_schema)
+    report = pipeline.run(progress=False, batch_size=1000)
+    assert_accounting(report)
+    assert pipeline.sink.streams == 2  # no unique index, no trigger: two COPY streams
+    assert report.rejects["id"].cast(pl.Int64).to_list() == list(range(1999, 20_001, 1999))
+    assert pg_frame(pg_dsn, pg_schema, "p", order_by="id")["id"].to_list() == [
+        i for i in range(1, 20_001) if i % 1999]
+    ledger = pg_query(pg_dsn, sql.SQL("SELECT count(*), sum(row_count) FROM {} WHERE first_row >= 0 AND NOT complete")
+                      .format(_ident(pg_schema, "colbatch_ledger")))[0]
+    assert ledger == (20, 20_000)
+
+
+@pytest.mark.parametrize("ddl, why", [("id bigint PRIMARY KEY, amount float8, type text", "unique"),
+                                      ("id bigint, amount float8, type text, EXCLUDE (id WITH =)", "exclusion")])
+def test_postgres_tables_where_units_could_wait_on_each_other_load_on_one_stream(pg_dsn, pg_schema, ddl, why):
+    pg_query(pg_dsn, sql.SQL("CREATE TABLE {} (" + ddl + ")").format(_ident(pg_schema, "one")))
+    pipeline = cb.from_arrow(make_frame(3000)).sink_postgres(pg_dsn, "one", schema=pg_schema)
+    report = pipeline.run(progress=False, batch_size=1000)
+    assert report.rows_written == 3000 and pipeline.sink.streams == 1, why
+    upsert = cb.from_arrow(make_frame(3000)).sink_postgres(pg_dsn, "one", schema=pg_schema, mode="upsert", key="id")
+    if why == "unique":
+        upsert.run(progress=False, batch_size=1000)
+        assert upsert.sink.streams == 1
+    single = cb.from_arrow(make_frame(3000)).sink_postgres(pg_dsn, "plain", schema=pg_schema, streams=1)
+    single.run(progress=False, batch_size=1000)
+    assert single.sink.streams == 1 and _count(pg_dsn, pg_schema, "plain") == 3000
+    with pytest.raises(cb.ConfigError, match="streams"):
+        cb.from_arrow(make_frame(1)).sink_postgres(pg_dsn, "plain", schema=pg_schema, streams=0)
+
+
+def test_postgres_a_failed_unit_on_parallel_streams_leaves_a_prefix_and_resumes_exactly(pg_dsn, pg_schema,
+                                                                                      monkeypatch):
+    from colbatch.pg.isolate import IsolatingLoader
+
+    load = IsolatingLoader.load
+    calls = {"n": 0, "fail": True}
+
+    def failing_load(self, cur, rows, pieces=None):
+        calls["n"] += 1
+        if calls["fail"] and calls["n"] == 6:
+            raise RuntimeError("the sixth unit breaks")
+        return load(self, cur, rows, pieces)
+
+    monkeypatch.setattr(IsolatingLoader, "load", failing_load)
+    df = make_frame(10_000)
+    pipeline = cb.from_arrow(df).sink_postgres(pg_dsn, "f", schema=pg_schema)
+    with pytest.raises(cb.ColbatchError):
+        pipeline.run(progress=False, batch_size=1000)
+    assert pipeline.sink.streams == 2
+    ids = pg_frame(pg_dsn, pg_schema, "f", order_by="id")["id"].to_list()
+    assert ids == list(range(1, len(ids) + 1)) and len(ids) % 1000 == 0 and len(ids) <= 5000  # a prefix of units
+    calls["fail"] = False
+    report = cb.from_arrow(df).sink_postgres(pg_dsn, "f", schema=pg_schema).run(progress=False, batch_size=1000,
+                                                                                 resume=True)
+    assert report.succeeded and report.rows_resumed == len(ids)
+    assert pg_frame(pg_dsn, pg_schema, "f", order_by="id")["id"].to_list() == list(range(1, 10_001))
+
+
+def test_postgres_terminated_stream_connections_are_retried_without_duplicates(pg_dsn, pg_schema):
+    df = make_frame(4000)
+    holder = {}
+
+    def batches():
+        for i, start in enumerate(range(0, 4000, 200)):
+            if i == 6:  # units are in flight on both streams: end every session of the load but the lock's
+                lock = holder["sink"]._lock_conn.info.backend_pid
+                pg_query(pg_dsn, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                 "WHERE application_name = 'colbatch' AND pid <> %s", (lock,))
+            yield df.slice(start, 200)
+
+    pipeline = cb.from_batches(batches, name="streams").sink_postgres(pg_dsn, "t", schema=pg_schema, backoff_s=0.01)
+    holder["sink"] = pipeline.sink
+    report = pipeline.run(progress=False, batch_size=200)
+    assert_accounting(report)
+    assert pipeline.sink.streams == 2 and pipeline.sink.reconnects >= 1
+    assert pg_frame(pg_dsn, pg_schema, "t", order_by="id")["id"].to_list() == list(range(1, 4001))
+
+
 def test_postgres_errors_are_classified_for_retry():
     import psycopg
 
