@@ -106,7 +106,7 @@ def iso_cast(values: pl.Series, dtype: pl.DataType) -> pl.Series | None:
 def _iso_rescue(values: pl.Series, parsed: pl.Series, miss: pl.Series, dtype: pl.DataType) -> pl.Series:
     """`parsed` with the `miss` rows that are ISO 8601 filled in, found by halving the rows Arrow refuses."""
     rows, values = miss.arg_true(), values.str.strip_chars()
-    found: list[pl.Series] = []
+    found: list[pl.DataFrame] = []
     pending, casts = [(0, len(rows))], 0
     while pending and casts < _ISO_RESCUE_CASTS:
         lo, hi = pending.pop()
