@@ -8,6 +8,8 @@ CHECK constraint that clean data never violates) on the same server:
 * `psql \\copy` of the CSV file;
 * psycopg `COPY ... FROM STDIN (FORMAT csv)` of the raw CSV bytes;
 * ADBC `adbc_ingest` of an in-memory Arrow table (CSV parsed beforehand, not timed), when installed;
+* ADBC end to end: colbatch reads the CSV and `foreach_batch` calls `adbc_ingest` per batch, one
+  transaction at the end (what the sink would be on ADBC, without its ledger, screen or rejects);
 * psycopg `executemany` INSERT on a subset (`--insert-rows`), extrapolated to rows/s;
 * the sink's encoder and COPY through a `psycopg_pool` pool with 1 and with 2 parallel streams
   (one transaction per batch, no ledger), to decide whether parallel streams pay on this machine.
@@ -118,6 +120,22 @@ def adbc_ingest(dsn: str, table_data, table: str) -> int:
     return _count(dsn, qualified)
 
 
+def adbc_end_to_end(dsn: str, csv: Path, table: str) -> int:
+    """CSV -> table with colbatch's reader and ADBC's ingest of each batch, committed once at the end."""
+    import adbc_driver_postgresql.dbapi as adbc
+
+    import colbatch as cb
+
+    qualified = _fresh(dsn, table)
+    with adbc.connect(dsn) as conn, conn.cursor() as cur:
+        def ingest(df: pl.DataFrame) -> None:
+            cur.adbc_ingest(table, df.to_arrow(), mode="append", db_schema_name=SCHEMA)
+
+        cb.scan_csv(csv, schema=CSV_SCHEMA).foreach_batch(ingest, retries=0).run(progress=False)
+        conn.commit()
+    return _count(dsn, qualified)
+
+
 def executemany(dsn: str, rows: list[tuple], table: str) -> int:
     import psycopg
 
@@ -199,14 +217,14 @@ def _bad_copy(csv: Path, out: Path) -> int:
     return pl.scan_csv(out).filter(pl.col("amount") < -1e9).select(pl.len()).collect().item()
 
 
-METHOD_KEYS = ("cb", "cb_bad", "psql", "pcsv", "ins", "adbc", "s1", "s2")
+METHOD_KEYS = ("cb", "cb_bad", "psql", "pcsv", "ins", "adbc", "adbc_cb", "s1", "s2")
 # 5x the rows: enough growth that memory proportional to input would show.
 DEFAULT_FLAT_FACTOR = 5
 
 
 def _key(method: str) -> str:
     prefixes = {"colbatch (CSV": "cb", "colbatch, 0.1%": "cb_bad", "psql": "psql", "psycopg COPY": "pcsv",
-                "executemany": "ins", "ADBC": "adbc", "sink encoder, 1": "s1", "sink encoder, 2": "s2"}
+                "executemany": "ins", "ADBC end": "adbc_cb", "ADBC": "adbc", "sink encoder, 1": "s1", "sink encoder, 2": "s2"}
     return next(k for p, k in prefixes.items() if method.startswith(p))
 
 
@@ -246,6 +264,8 @@ def main(argv: list[str]) -> int:
 
         arrow = pacsv.read_csv(csv)
         methods["ADBC adbc_ingest (from Arrow)"] = (lambda: adbc_ingest(args.dsn, arrow, "adbc"), args.rows, args.rows)
+        methods["ADBC end to end (CSV, per batch)"] = (lambda: adbc_end_to_end(args.dsn, csv, "adbc_cb"), args.rows,
+                                                       args.rows)
     except ImportError:
         print("ADBC driver not installed; skipping adbc_ingest")
     if args.only:
