@@ -242,6 +242,10 @@ class Pipeline:
         """Set run options (`batch_size`, `max_error_rate`, `max_errors`, `memory_limit`, `progress`, `threads`,
         `temp_directory`, `on_progress`, `on_warning`, `executor`: a `dask.distributed.Client` or
         `"tcp://HOST:PORT"` runs one task per split)."""
+        if options.get("memory_limit") is not None:
+            from colbatch.config import parse_size  # config imports this module
+
+            options = {**options, "memory_limit": parse_size(options["memory_limit"], key="memory_limit")}
         try:
             return replace(self, options=replace(self.options, **options))
         except TypeError as exc:

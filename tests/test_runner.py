@@ -68,6 +68,20 @@ def test_unknown_run_option_is_config_error():
         cb.from_arrow(make_frame(3)).foreach_batch(lambda d: None).run(bogus=1)
 
 
+def test_memory_limit_accepts_a_size_string_as_job_files_do():
+    pipeline = cb.from_arrow(make_frame(1000)).foreach_batch(lambda d: None)
+    assert pipeline.with_options(memory_limit="512MiB").options.memory_limit == 512 << 20
+    assert pipeline.with_options(memory_limit=1 << 30).options.memory_limit == 1 << 30
+    report = pipeline.run(progress=False, memory_limit="1GB", batch_size=100)
+    assert_accounting(report)
+    assert report.rows_written == 1000
+
+
+def test_memory_limit_that_is_no_size_is_config_error():
+    with pytest.raises(cb.ConfigError, match=r"`memory_limit` must be a size like \"2GB\" or a byte count, got 'lots'"):
+        cb.from_arrow(make_frame(3)).foreach_batch(lambda d: None).run(memory_limit="lots")
+
+
 REPORT_KEYS = {"status", "error", "rows_read", "rows_written", "rows_filtered", "rows_rejected", "elapsed_s",
                "peak_rss_bytes", "stages", "bottleneck"}
 
