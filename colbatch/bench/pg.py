@@ -223,6 +223,7 @@ DEFAULT_FLAT_FACTOR = 5
 
 
 def _key(method: str) -> str:
+    # First match wins: a longer prefix ("ADBC end") stands before the one it extends ("ADBC").
     prefixes = {"colbatch (CSV": "cb", "colbatch, 0.1%": "cb_bad", "psql": "psql", "psycopg COPY": "pcsv",
                 "executemany": "ins", "ADBC end": "adbc_cb", "ADBC": "adbc", "sink encoder, 1": "s1", "sink encoder, 2": "s2"}
     return next(k for p, k in prefixes.items() if method.startswith(p))
