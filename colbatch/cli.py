@@ -77,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
             from colbatch.query import query_command
 
             return query_command(args.sql, outputs=args.output, named=args.named, format=args.format, to=args.to)
+        from colbatch.bench import compile_package
+
+        if not {"-h", "--help"} & set(args.args):
+            compile_package()
         if args.suite == "agg":
             from colbatch.bench.agg import main as agg_main
 

@@ -145,3 +145,19 @@ def test_demo_runs_and_prints_duckdb_output(tmp_path):
     assert "PURCHASE" in proc.stdout
     assert "validate" in proc.stdout and "parse" in proc.stdout
     assert (tmp_path / "demo" / "events.parquet").exists()
+
+
+def test_bench_compiles_the_package_to_bytecode_first():
+    """Benchmarks run colbatch as installed: every module has bytecode, even under PYTHONDONTWRITEBYTECODE."""
+    import importlib.util
+
+    import colbatch
+    from colbatch.bench import compile_package
+
+    root = Path(colbatch.__file__).parent
+    sources = sorted(root.rglob("*.py"))
+    victim = Path(importlib.util.cache_from_source(str(root / "bench" / "core.py")))
+    victim.unlink(missing_ok=True)
+    assert compile_package()
+    missing = [s for s in sources if not Path(importlib.util.cache_from_source(str(s))).exists()]
+    assert not missing and victim.exists()
