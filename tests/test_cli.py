@@ -147,8 +147,8 @@ def test_demo_runs_and_prints_duckdb_output(tmp_path):
     assert (tmp_path / "demo" / "events.parquet").exists()
 
 
-def test_bench_compiles_the_package_to_bytecode_first():
-    """Benchmarks run colbatch as installed: every module has bytecode, even under PYTHONDONTWRITEBYTECODE."""
+def test_compile_package_gives_every_module_bytecode():
+    """What `bench` runs first: every module gets bytecode, even under PYTHONDONTWRITEBYTECODE."""
     import importlib.util
 
     import colbatch
