@@ -108,7 +108,7 @@ class NdjsonSource(Source):
         row = 0
         with open_stream(path) as stream:
             try:
-                for block in _blocks(stream, block_bytes, b"\x00\x01"):
+                for block, _quoted in _blocks(stream, block_bytes, b"\x00\x01"):
                     nlines = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
                     skipping = row < skip_rows
                     df, rejected, line_fn = self._parse(block, path, line, ignore_rejects if skipping else on_reject)
