@@ -167,7 +167,10 @@ class Alerts:
     """Checks a run after every batch: progress calls, error-rate, memory and throughput warnings.
 
     Args:
-        snapshot: builds a `Progress` from the runner's counters (called after each batch).
+        snapshot: builds a `Progress` from the runner's counters (only when a check or a progress
+            call needs one: building it for every batch showed on the per-batch path of small batches).
+        counts: `(rows_read, rows_rejected, rss_bytes)` now, cheaply, for the checks made after
+            every batch; by default read off a snapshot.
         max_error_rate, max_errors: the run's thresholds (None: not checked).
         memory_limit: bytes the run may use; `explicit_limit` says whether the user set it.
         on_progress, on_warning: the user's hooks, or None.
@@ -176,11 +179,13 @@ class Alerts:
 
     def __init__(self, snapshot: Callable[[bool], Progress], *, max_error_rate: float | None,
                  max_errors: int | None, memory_limit: int | None, explicit_limit: bool = True,
+                 counts: Callable[[], tuple[int, int, int]] | None = None,
                  on_progress: Callable[[Progress], object] | None = None,
                  on_warning: Callable[[RunWarning], object] | None = None,
                  progress_interval_s: float = DEFAULT_PROGRESS_INTERVAL_S,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         self._snapshot = snapshot
+        self._counts = counts or (lambda: (lambda p: (p.rows_read, p.rows_rejected, p.rss_bytes))(snapshot(False)))
         self.max_error_rate = max_error_rate
         self.max_errors = max_errors
         self.memory_limit = memory_limit
@@ -191,14 +196,15 @@ class Alerts:
         self._clock = clock
         self._last_progress: float | None = None
         self.drop = ThroughputDrop()
-        self._recent: deque[tuple[int, float]] = deque(maxlen=DEFAULT_ROLLING_BATCHES)
+        self._recent: deque[tuple[int, float]] = deque()
+        self._recent_rows = 0
+        self._recent_s = 0.0
         self.raised: dict[str, RunWarning] = {}
 
     @property
     def recent_rate(self) -> float:
         """Rows/s over the last few batches (0 before the first)."""
-        secs = sum(s for _, s in self._recent)
-        return sum(r for r, _ in self._recent) / secs if secs > 0 else 0.0
+        return self._recent_rows / self._recent_s if self._recent_s > 0 else 0.0
 
     @property
     def messages(self) -> list[str]:
@@ -208,54 +214,60 @@ class Alerts:
     def after_batch(self, rows: int, seconds: float) -> None:
         """One batch reached the sink: `rows` source rows, `seconds` since the previous one."""
         dropped = self.drop.add(rows, seconds)
-        self._recent.append((rows, seconds))
-        snap = self._snapshot(False)
-        self._check_errors(snap)
-        self._check_memory(snap)
+        recent = self._recent
+        recent.append((rows, seconds))
+        self._recent_rows += rows
+        self._recent_s += seconds
+        if len(recent) > DEFAULT_ROLLING_BATCHES:
+            old_rows, old_s = recent.popleft()
+            self._recent_rows -= old_rows
+            self._recent_s -= old_s
+        read, rejected, rss = self._counts()
+        self._check_errors(read, rejected)
+        self._check_memory(rss)
         if dropped and "throughput" not in self.raised:
             self._warn("throughput", f"throughput dropped to {self.drop.rate:,.0f} rows/s over the last "
                                      f"{DEFAULT_ROLLING_BATCHES} batches, under {self.drop.factor:.0%} of this run's "
                                      f"pace ({self.drop.median:,.0f} rows/s); see report.bottleneck for the stage "
-                                     "that slowed down", self.drop.rate, self.drop.median * self.drop.factor, snap)
-        now = self._clock()
-        if self.on_progress is not None and (self._last_progress is None
-                                             or now - self._last_progress >= self.progress_interval_s):
-            self._last_progress = now
-            self.on_progress(snap)
+                                     "that slowed down", self.drop.rate, self.drop.median * self.drop.factor)
+        if self.on_progress is not None:
+            now = self._clock()
+            if self._last_progress is None or now - self._last_progress >= self.progress_interval_s:
+                self._last_progress = now
+                self.on_progress(self._snapshot(False))
 
     def finish(self) -> None:
         """The run succeeded: a last progress call with `done=True`."""
         if self.on_progress is not None:
             self.on_progress(self._snapshot(True))
 
-    def _check_errors(self, snap: Progress) -> None:
+    def _check_errors(self, read: int, rejected: int) -> None:
         if "error_rate" in self.raised:
             return
-        rejected, read = snap.rows_rejected, snap.rows_read
         if self.max_errors is not None and rejected > self.max_errors * DEFAULT_ERROR_SHARE:
             self._warn("error_rate", f"{rejected:,} rows rejected, more than half of max_errors={self.max_errors:,}; "
                                      "the run stops past it (the rejects say why rows failed)",
-                       rejected, self.max_errors * DEFAULT_ERROR_SHARE, snap)
+                       rejected, self.max_errors * DEFAULT_ERROR_SHARE)
         elif (self.max_error_rate is not None and read >= DEFAULT_RATE_MIN_ROWS
               and rejected / read > self.max_error_rate * DEFAULT_ERROR_SHARE):
             self._warn("error_rate", f"{rejected:,} of {read:,} rows rejected ({rejected / read:.1%}), more than half "
                                      f"of max_error_rate={self.max_error_rate:g}; the run stops past it "
                                      "(the rejects say why rows failed)",
-                       rejected / read, self.max_error_rate * DEFAULT_ERROR_SHARE, snap)
+                       rejected / read, self.max_error_rate * DEFAULT_ERROR_SHARE)
 
-    def _check_memory(self, snap: Progress) -> None:
-        if "memory" in self.raised or not self.memory_limit or not snap.rss_bytes:
+    def _check_memory(self, rss: int) -> None:
+        if "memory" in self.raised or not self.memory_limit or not rss:
             return
         near = self.memory_limit * DEFAULT_MEMORY_NEAR
-        if snap.rss_bytes > near:
+        if rss > near:
             limit = "memory_limit" if self.explicit_limit else "the memory budget (no memory_limit set)"
-            self._warn("memory", f"RSS {snap.rss_bytes / 2**20:,.0f} MiB is above {DEFAULT_MEMORY_NEAR:.0%} of "
+            self._warn("memory", f"RSS {rss / 2**20:,.0f} MiB is above {DEFAULT_MEMORY_NEAR:.0%} of "
                                  f"{limit} {self.memory_limit / 2**20:,.0f} MiB; batches shrink to fit, "
                                  "but a larger limit or fewer columns would be faster",
-                       snap.rss_bytes, near, snap)
+                       rss, near)
 
-    def _warn(self, kind: WarningKind, message: str, value: float, threshold: float, snap: Progress) -> None:
-        warning = RunWarning(kind, message, float(value), float(threshold), round(snap.elapsed_s, 3))
+    def _warn(self, kind: WarningKind, message: str, value: float, threshold: float) -> None:
+        warning = RunWarning(kind, message, float(value), float(threshold), round(self._snapshot(False).elapsed_s, 3))
         self.raised[kind] = warning
         log.warning("%s", message)
         if self.on_warning is not None:

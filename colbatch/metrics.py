@@ -47,8 +47,9 @@ class StageMetrics:
 class ByteQueue:
     """FIFO bounded by item count and total bytes; one oversize item is always admitted.
 
-    One lock with two conditions (not empty, not full), each woken only by what it waits for:
-    on the per-batch path of small batches, waking every waiter at every put and get showed.
+    One lock with two conditions (not empty, not full), each woken only by what it waits for, and
+    only when a thread waits on it: on the per-batch path of small batches, waking every waiter at
+    every put and get showed, and so did `Condition.notify` with nobody waiting (it is Python code).
     """
 
     def __init__(self, max_items: int, max_bytes: int) -> None:
@@ -59,6 +60,8 @@ class ByteQueue:
         self._lock = threading.Lock()
         self._not_empty = threading.Condition(self._lock)
         self._not_full = threading.Condition(self._lock)
+        self._getters = 0  # threads waiting in `get` / in `put`
+        self._putters = 0
         self.max_depth = 0
 
     def __len__(self) -> int:
@@ -72,12 +75,17 @@ class ByteQueue:
             while items and (len(items) >= self._max_items or self._bytes + size > self._max_bytes):
                 if stop.is_set():
                     return False
-                self._not_full.wait(0.1)
+                self._putters += 1
+                try:
+                    self._not_full.wait(0.1)
+                finally:
+                    self._putters -= 1
             items.append((item, size))
             self._bytes += size
             if len(items) > self.max_depth:
                 self.max_depth = len(items)
-            self._not_empty.notify()
+            if self._getters:
+                self._not_empty.notify()
             return True
 
     def get(self, stop: threading.Event) -> Any:
@@ -86,10 +94,15 @@ class ByteQueue:
             while not self._items:
                 if stop.is_set():
                     return None
-                self._not_empty.wait(0.1)
+                self._getters += 1
+                try:
+                    self._not_empty.wait(0.1)
+                finally:
+                    self._getters -= 1
             item, size = self._items.popleft()
             self._bytes -= size
-            self._not_full.notify()
+            if self._putters:
+                self._not_full.notify()
             return item
 
 

@@ -127,8 +127,9 @@ class Runner:
         self._sampler: MemorySampler | None = None
         self._total_bytes: int | None = None
         self._t_start = time.perf_counter()
-        self.alerts = Alerts(self._snapshot, max_error_rate=options.max_error_rate, max_errors=options.max_errors,
-                             memory_limit=self.sizer.memory_limit, explicit_limit=options.memory_limit is not None,
+        self.alerts = Alerts(self._snapshot, counts=self._counts, max_error_rate=options.max_error_rate,
+                             max_errors=options.max_errors, memory_limit=self.sizer.memory_limit,
+                             explicit_limit=options.memory_limit is not None,
                              on_progress=options.on_progress, on_warning=options.on_warning)
 
     # -- threads ----------------------------------------------------------------------------
@@ -443,6 +444,11 @@ class Runner:
                 progress.update(batch.bytes_read)
                 progress.set_postfix_str(f"{self.read_stage.rows_in:,} rows, {self.rejects.total:,} rejected",
                                          refresh=False)
+
+    def _counts(self) -> tuple[int, int, int]:
+        """Rows read, rows rejected and the latest RSS sample: what the checks after every batch need."""
+        return (self.read_stage.rows_in, self.rejects.total,
+                self._sampler.last_rss if self._sampler is not None else 0)
 
     def _snapshot(self, done: bool) -> Progress:
         return Progress(elapsed_s=time.perf_counter() - self._t_start, rows_read=self.read_stage.rows_in,

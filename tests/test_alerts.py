@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 import colbatch as cb
-from colbatch.alerts import ThroughputDrop
+from colbatch.alerts import DEFAULT_ROLLING_BATCHES, Alerts, Progress, ThroughputDrop
 from colbatch.batching import process_rss
 from tests.conftest import SCHEMA, assert_accounting, make_frame
 
@@ -216,3 +216,41 @@ def test_a_udf_that_becomes_slow_raises_a_throughput_warning_once(caplog):
     assert drops[0].value < drops[0].threshold
     assert len(_warnings(caplog, "throughput dropped")) == 1
     assert any("throughput dropped" in w for w in report.warnings)
+
+
+# -- per-batch cost -----------------------------------------------------------------------------
+
+
+def _progress(read: int, rejected: int) -> Progress:
+    return Progress(elapsed_s=1.0, rows_read=read, rows_written=read - rejected, rows_filtered=0,
+                    rows_rejected=rejected, batches=1, batch_rows=100, rows_per_s=0.0, rss_bytes=0, bytes_read=0,
+                    total_bytes=None)
+
+
+def test_checks_after_each_batch_build_a_snapshot_only_when_they_warn():
+    """The per-batch checks read cheap counters; a `Progress` is built only for a warning (or a progress call)."""
+    state = {"read": 0, "rejected": 0, "snapshots": 0}
+
+    def snapshot(done: bool) -> Progress:
+        state["snapshots"] += 1
+        return _progress(state["read"], state["rejected"])
+
+    alerts = Alerts(snapshot, counts=lambda: (state["read"], state["rejected"], 0), max_error_rate=0.2,
+                    max_errors=None, memory_limit=None)
+    for _ in range(50):
+        state["read"] += 100
+        alerts.after_batch(100, 0.01)
+    assert state["snapshots"] == 0 and not alerts.raised
+    state["rejected"] = 2_000  # 40% of the 5,000 rows read: past half of max_error_rate
+    alerts.after_batch(100, 0.01)
+    assert list(alerts.raised) == ["error_rate"] and state["snapshots"] == 1
+    assert alerts.raised["error_rate"].elapsed_s == 1.0  # taken from the snapshot
+
+
+def test_recent_rate_covers_the_last_rolling_batches():
+    alerts = Alerts(lambda done: _progress(0, 0), max_error_rate=None, max_errors=None, memory_limit=None)
+    assert alerts.recent_rate == 0.0
+    for rows in range(1, 11):  # 1, 2, ... 10 rows, each batch one second
+        alerts.after_batch(rows, 1.0)
+    last = list(range(11 - DEFAULT_ROLLING_BATCHES, 11))
+    assert alerts.recent_rate == pytest.approx(sum(last) / len(last))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import polars as pl
 import pytest
 
 import colbatch as cb
+from colbatch.metrics import ByteQueue
 from tests.conftest import assert_accounting, make_frame
 
 
@@ -178,3 +180,40 @@ def test_backoff_is_exponential_with_jitter_within_bounds(attempt):
     ceiling = 0.5 * 2 ** (attempt - 1)
     assert all(ceiling / 2 <= d <= ceiling for d in delays)
     assert len(delays) > 1  # jittered, not in lock step
+
+
+# -- the queues between stages -------------------------------------------------------------------
+
+
+def test_byte_queue_hands_items_over_in_order_between_threads_and_bounds_its_depth():
+    q, stop = ByteQueue(max_items=1, max_bytes=1 << 20), threading.Event()
+    got: list[int] = []
+
+    def consume() -> None:
+        while (item := q.get(stop)) is not None:
+            got.append(item)
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    for i in range(1, 501):  # the producer blocks while the one slot is taken, the consumer while it is empty
+        assert q.put(i, 1, stop)
+    while len(q):  # until the consumer has taken the last item
+        pass
+    stop.set()
+    consumer.join()
+    assert got == list(range(1, 501)) and q.max_depth == 1
+
+
+def test_byte_queue_releases_a_blocked_put_or_get_when_stopped():
+    stop = threading.Event()
+    full = ByteQueue(max_items=1, max_bytes=1 << 20)
+    assert full.put("a", 1, stop)
+    results: dict[str, object] = {}
+    putter = threading.Thread(target=lambda: results.update(put=full.put("b", 1, stop)))
+    getter = threading.Thread(target=lambda: results.update(get=ByteQueue(1, 1).get(stop)))
+    putter.start()
+    getter.start()
+    stop.set()
+    putter.join()
+    getter.join()
+    assert results == {"put": False, "get": None}
