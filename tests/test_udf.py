@@ -345,6 +345,34 @@ def test_dask_local_cluster_output_is_identical_to_a_local_run(tmp_path):
     assert_accounting(report)
 
 
+
+def test_a_failed_pool_dispatcher_fails_its_batches_and_the_job_instead_of_hanging(tmp_path, monkeypatch):
+    """A bug in the pool's own thread must surface as an error: a batch retried onto a pool with no
+    dispatcher would wait for an answer forever."""
+    from colbatch.udf import procpool
+
+    def broken_answer(self, slot, task, msg):
+        raise RuntimeError("dispatcher bug")
+
+    monkeypatch.setattr(procpool.ProcessPool, "_answer", broken_answer)
+    outcome: dict[str, BaseException] = {}
+
+    def job() -> None:
+        try:
+            pipeline().map_batches(add_label, workers=2, retries=2).sink_parquet(tmp_path / "o.parquet").run(
+                progress=False, batch_size=BATCH)
+        except BaseException as exc:  # the assertion below says which
+            outcome["error"] = exc
+
+    runner = threading.Thread(target=job, daemon=True)
+    runner.start()
+    runner.join(timeout=120)  # a guard against the hang this test is about, not a speed check
+    assert not runner.is_alive(), "the job hung after the pool's dispatcher failed"
+    error = outcome.get("error")
+    assert error is not None and "dispatcher failed" in str(error) and "dispatcher bug" in str(error)
+    assert not (tmp_path / "o.parquet").exists()
+
+
 # -- transport ----------------------------------------------------------------------------------
 
 

@@ -44,6 +44,14 @@ class TaskTimeout(Exception):
     """A task ran longer than the pool's timeout; its worker was killed."""
 
 
+class PoolBroken(RuntimeError):
+    """The pool's dispatcher thread failed (a bug of colbatch's, not of the user's function).
+
+    Every task in flight or queued fails with it and later submits raise it: without a
+    dispatcher nothing would ever answer them, and a retried batch would wait forever.
+    """
+
+
 @dataclass
 class PoolStats:
     """Where the pool's time went: the user's function vs moving data, in seconds."""
@@ -91,6 +99,7 @@ class ProcessPool:
         self._ids = itertools.count()
         self._wake_r, self._wake_w = mp.Pipe(duplex=False)
         self._closed = False
+        self._broken: PoolBroken | None = None
         self._thread: threading.Thread | None = None
         self.stats = PoolStats()
 
@@ -100,6 +109,8 @@ class ProcessPool:
         """Queue one batch; workers and the dispatcher start on first use."""
         fut: Future = Future()
         with self._lock:
+            if self._broken is not None:
+                raise self._broken
             if self._closed:
                 raise RuntimeError("the process pool is shut down")
             self._queue.append(_Task(next(self._ids), df, fut))
@@ -146,6 +157,11 @@ class ProcessPool:
                 for slot in self._slots:
                     if slot.task is not None:
                         self._service(slot)
+        except BaseException as exc:  # ours, not the user's: fail every task instead of leaving it unanswered
+            broken = PoolBroken(f"the UDF process pool's dispatcher failed: {type(exc).__name__}: {exc}")
+            broken.__cause__ = exc
+            with self._lock:
+                self._broken, self._closed = broken, True
         finally:
             self._close_all()
 
@@ -283,7 +299,10 @@ class ProcessPool:
                 except (OSError, ValueError, subprocess.TimeoutExpired):
                     pass
             if slot.task is not None:
-                slot.task.future.cancel() or slot.task.future.set_exception(WorkerLost("the pool was shut down"))
+                if self._broken is not None:
+                    slot.task.future.set_exception(self._broken)
+                else:
+                    slot.task.future.cancel() or slot.task.future.set_exception(WorkerLost("the pool was shut down"))
                 slot.task = None
             self._drop_worker(slot)
             for seg in (slot.inp, slot.out):
@@ -293,4 +312,7 @@ class ProcessPool:
         with self._lock:
             queued, self._queue = list(self._queue), collections.deque()
         for task in queued:
-            task.future.cancel()
+            if self._broken is not None:
+                task.future.set_exception(self._broken)
+            else:
+                task.future.cancel()
