@@ -170,22 +170,22 @@ class Alerts:
         snapshot: builds a `Progress` from the runner's counters (only when a check or a progress
             call needs one: building it for every batch showed on the per-batch path of small batches).
         counts: `(rows_read, rows_rejected, rss_bytes)` now, cheaply, for the checks made after
-            every batch; by default read off a snapshot.
+            every batch.
         max_error_rate, max_errors: the run's thresholds (None: not checked).
         memory_limit: bytes the run may use; `explicit_limit` says whether the user set it.
         on_progress, on_warning: the user's hooks, or None.
         clock: monotonic seconds; injectable for tests.
     """
 
-    def __init__(self, snapshot: Callable[[bool], Progress], *, max_error_rate: float | None,
-                 max_errors: int | None, memory_limit: int | None, explicit_limit: bool = True,
-                 counts: Callable[[], tuple[int, int, int]] | None = None,
+    def __init__(self, snapshot: Callable[[bool], Progress], *, counts: Callable[[], tuple[int, int, int]],
+                 max_error_rate: float | None, max_errors: int | None, memory_limit: int | None,
+                 explicit_limit: bool = True,
                  on_progress: Callable[[Progress], object] | None = None,
                  on_warning: Callable[[RunWarning], object] | None = None,
                  progress_interval_s: float = DEFAULT_PROGRESS_INTERVAL_S,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         self._snapshot = snapshot
-        self._counts = counts or (lambda: (lambda p: (p.rows_read, p.rows_rejected, p.rss_bytes))(snapshot(False)))
+        self._counts = counts
         self.max_error_rate = max_error_rate
         self.max_errors = max_errors
         self.memory_limit = memory_limit

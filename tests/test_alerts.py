@@ -248,7 +248,8 @@ def test_checks_after_each_batch_build_a_snapshot_only_when_they_warn():
 
 
 def test_recent_rate_covers_the_last_rolling_batches():
-    alerts = Alerts(lambda done: _progress(0, 0), max_error_rate=None, max_errors=None, memory_limit=None)
+    alerts = Alerts(lambda done: _progress(0, 0), counts=lambda: (0, 0, 0), max_error_rate=None, max_errors=None,
+                    memory_limit=None)
     assert alerts.recent_rate == 0.0
     for rows in range(1, 11):  # 1, 2, ... 10 rows, each batch one second
         alerts.after_batch(rows, 1.0)

@@ -376,7 +376,9 @@ def _safe_cut(buf: bytes | bytearray, quote: bytes, *, final: bool = False, end:
     p = buf.rfind(b"\n", 0, end)
     if p < 0:
         return 0
-    if not (buf.find(quote, 0, end) >= 0 if quoted is None else quoted):
+    if quoted is None:
+        quoted = buf.find(quote, 0, end) >= 0
+    if not quoted:
         return p + 1
     parity = buf.count(quote, 0, p) & 1
     steps = 0

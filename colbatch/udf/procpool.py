@@ -299,10 +299,7 @@ class ProcessPool:
                 except (OSError, ValueError, subprocess.TimeoutExpired):
                     pass
             if slot.task is not None:
-                if self._broken is not None:
-                    slot.task.future.set_exception(self._broken)
-                else:
-                    slot.task.future.cancel() or slot.task.future.set_exception(WorkerLost("the pool was shut down"))
+                self._abandon(slot.task.future)
                 slot.task = None
             self._drop_worker(slot)
             for seg in (slot.inp, slot.out):
@@ -312,7 +309,11 @@ class ProcessPool:
         with self._lock:
             queued, self._queue = list(self._queue), collections.deque()
         for task in queued:
-            if self._broken is not None:
-                task.future.set_exception(self._broken)
-            else:
-                task.future.cancel()
+            self._abandon(task.future)
+
+    def _abandon(self, future: Future) -> None:
+        """End a task the pool will not run: with the dispatcher's failure, else cancelled (or lost, once running)."""
+        if self._broken is not None:
+            future.set_exception(self._broken)
+        elif not future.cancel():
+            future.set_exception(WorkerLost("the pool was shut down"))
