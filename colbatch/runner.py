@@ -138,54 +138,61 @@ class Runner:
         self.rejects.add(frame, at=at)
 
     def _read(self, out: ByteQueue) -> None:
+        """The read thread: batches into `out` (with backpressure), then the end marker."""
         stage = self.read_stage
-        adaptive = self.source.adaptive_batches
         try:
-            for split in self.source.splits():
-                skip = self.committed.skip_for(split.id)
-                if skip is None:
-                    continue
-                rows = self.sizer if adaptive else self.sizer()
-
-                def on_reject(frame: pl.DataFrame, split=split) -> None:
-                    self.rejects.add(frame, at=(split.index, skip))  # the batch being read starts at `skip`
-
-                it = self.source.read(split, batch_rows=rows, on_reject=on_reject, skip_rows=skip)
-                failures = 0
-                while True:
-                    t0 = time.perf_counter()
-                    try:
-                        batch = next(it, None)
-                    except Exception as exc:
-                        stage.busy_s += time.perf_counter() - t0
-                        failures += 1
-                        if not is_transient(exc) or failures > self.options.read_retries:
-                            raise
-                        # Re-open the split after the records already delivered: none twice, none lost.
-                        self._retry_wait(split, exc, failures)
-                        it = self.source.read(split, batch_rows=rows, on_reject=on_reject, skip_rows=skip)
-                        continue
-                    stage.busy_s += time.perf_counter() - t0
-                    if batch is None:
-                        break
-                    skip = batch.first_row + batch.rows_read
-                    with self._lock:
-                        stage.rows_in += batch.rows_read
-                        stage.rows_out += batch.num_rows
-                        stage.rows_rejected += batch.rows_read - batch.num_rows
-                        stage.bytes_in += batch.bytes_read
-                    size = batch.data.estimated_size()
-                    self.sizer.note_bytes(batch.num_rows, size, batch.bytes_read)
-                    t1 = time.perf_counter()
-                    if not out.put(batch, size, self._stop):
-                        return
-                    stage.blocked_s += time.perf_counter() - t1
-                    if self._stop.is_set():
-                        return
+            for batch, size in self._read_batches():
+                t1 = time.perf_counter()
+                if not out.put(batch, size, self._stop):
+                    return
+                stage.blocked_s += time.perf_counter() - t1
+                if self._stop.is_set():
+                    return
         except BaseException as exc:
             self._fail(exc)
         finally:
             out.put(None, 0, self._stop)
+
+    def _read_batches(self) -> Iterator[tuple[Batch, int]]:
+        """Every split's batches not yet committed, with their in-memory size; transient failures retried."""
+        stage = self.read_stage
+        adaptive = self.source.adaptive_batches
+        for split in self.source.splits():
+            skip = self.committed.skip_for(split.id)
+            if skip is None:
+                continue
+            rows = self.sizer if adaptive else self.sizer()
+
+            def on_reject(frame: pl.DataFrame, split=split) -> None:
+                self.rejects.add(frame, at=(split.index, skip))  # the batch being read starts at `skip`
+
+            it = self.source.read(split, batch_rows=rows, on_reject=on_reject, skip_rows=skip)
+            failures = 0
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    batch = next(it, None)
+                except Exception as exc:
+                    stage.busy_s += time.perf_counter() - t0
+                    failures += 1
+                    if not is_transient(exc) or failures > self.options.read_retries:
+                        raise
+                    # Re-open the split after the records already delivered: none twice, none lost.
+                    self._retry_wait(split, exc, failures)
+                    it = self.source.read(split, batch_rows=rows, on_reject=on_reject, skip_rows=skip)
+                    continue
+                stage.busy_s += time.perf_counter() - t0
+                if batch is None:
+                    break
+                skip = batch.first_row + batch.rows_read
+                with self._lock:
+                    stage.rows_in += batch.rows_read
+                    stage.rows_out += batch.num_rows
+                    stage.rows_rejected += batch.rows_read - batch.num_rows
+                    stage.bytes_in += batch.bytes_read
+                size = batch.data.estimated_size()
+                self.sizer.note_bytes(batch.num_rows, size, batch.bytes_read)
+                yield batch, size
 
     def _retry_wait(self, split, exc: BaseException, attempt: int) -> None:
         delay = backoff_delay(self.options.retry_backoff_s, attempt)
@@ -196,7 +203,7 @@ class Runner:
         if self._stop.wait(delay):
             raise _Stop()
 
-    def _transform(self, inp: ByteQueue, out: ByteQueue) -> None:
+    def _transform(self, inp: ByteQueue | None, out: ByteQueue) -> None:
         udf_stages: list = []
         try:
             for result in self._transformed(self._inputs(inp), udf_stages):
@@ -213,7 +220,14 @@ class Runner:
                 stage.close()
             out.put(None, 0, self._stop)
 
-    def _inputs(self, inp: ByteQueue) -> Iterator[Batch]:
+    def _inputs(self, inp: ByteQueue | None) -> Iterator[Batch]:
+        """The transform thread's input: the read queue, or with no queue the source itself (in memory)."""
+        if inp is None:
+            for batch, _size in self._read_batches():
+                yield batch
+                if self._stop.is_set():
+                    return
+            return
         while True:
             t0 = time.perf_counter()
             batch = inp.get(self._stop)
@@ -355,10 +369,13 @@ class Runner:
         t_start = self._t_start = time.perf_counter()
         self._total_bytes = self.sizer.input_bytes = self.source.total_bytes()
         progress = _progress(self._total_bytes, o.progress)
-        threads = [
-            threading.Thread(target=self._read, args=(read_q,), name="colbatch-read", daemon=True),
-            threading.Thread(target=self._transform, args=(read_q, write_q), name="colbatch-transform", daemon=True),
-        ]
+        # Data already in memory is sliced in the transform thread: a read thread would add a
+        # hand-off per batch and overlap nothing.
+        fused = self.source.in_memory
+        threads = [threading.Thread(target=self._transform, args=(None if fused else read_q, write_q),
+                                    name="colbatch-transform", daemon=True)]
+        if not fused:
+            threads.insert(0, threading.Thread(target=self._read, args=(read_q,), name="colbatch-read", daemon=True))
         committed = False
         try:
             if self.job is not None:

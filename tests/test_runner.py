@@ -217,3 +217,43 @@ def test_byte_queue_releases_a_blocked_put_or_get_when_stopped():
     putter.join()
     getter.join()
     assert results == {"put": False, "get": None}
+
+
+def test_in_memory_data_is_read_in_the_transform_thread_and_iterators_in_a_read_thread():
+    # Slicing a table in memory overlaps nothing: it is done where the steps run, one hand-off less
+    # per batch. A user iterator may do I/O (API pages), so it keeps a thread of its own.
+    frame = make_frame(20_000)
+    seen: dict[str, set[str]] = {}
+
+    def threads_at_first_batch(name: str):
+        def write(df: pl.DataFrame) -> None:
+            seen.setdefault(name, {t.name for t in threading.enumerate()})
+        return write
+
+    in_memory = (cb.from_arrow(frame.to_arrow()).filter(pl.col("id") % 3 != 0)
+                 .foreach_batch(threads_at_first_batch("table"), retries=0)
+                 .run(progress=False, batch_size=1_000))
+    # 20 batches cannot all be read while the writer holds the first: the queues hold a few.
+    iterated = (cb.from_batches(lambda: iter([frame]))
+                .foreach_batch(threads_at_first_batch("iterator"), retries=0)
+                .run(progress=False, batch_size=1_000))
+    for report in (in_memory, iterated):
+        assert_accounting(report)
+        assert report.rows_read == 20_000 and report.batches == 20
+    assert in_memory.rows_written + in_memory.rows_filtered == 20_000 and in_memory.rows_filtered > 0
+    assert "colbatch-transform" in seen["table"] and "colbatch-read" not in seen["table"]
+    assert "colbatch-read" in seen["iterator"]
+
+
+def test_a_udf_failing_on_in_memory_data_stops_the_job_at_its_threshold_and_leaves_no_output(tmp_path):
+    def explode(df: pl.DataFrame) -> pl.DataFrame:
+        if df.height and df["id"].max() >= 5_000:
+            raise RuntimeError("boom in the step")
+        return df
+
+    out = tmp_path / "o.parquet"
+    with pytest.raises(cb.ErrorThresholdExceeded):
+        (cb.from_arrow(make_frame(10_000).to_arrow())
+         .map_batches(explode, executor="inline")
+         .sink_parquet(out).run(progress=False, batch_size=1_000, max_errors=10))
+    assert not out.exists()

@@ -137,4 +137,6 @@ def arrow_source(data: pa.Table | pa.RecordBatchReader | pa.RecordBatch | pl.Dat
         frame = data
     else:
         raise ConfigError(f"`from_arrow` takes a pyarrow Table, RecordBatch or RecordBatchReader, got `{type(data).__name__}`")
-    return IterableSource(lambda: [frame], schema=frame.schema, label="arrow table", reiterable=True)
+    source = IterableSource(lambda: [frame], schema=frame.schema, label="arrow table", reiterable=True)
+    source.in_memory = True
+    return source
