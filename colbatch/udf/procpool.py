@@ -291,13 +291,23 @@ class ProcessPool:
             slot.conn = None
 
     def _close_all(self) -> None:
+        # Every idle worker is asked first, then waited for: they exit side by side (an interpreter
+        # with Polars loaded takes ~0.1 s to finish), not one after the other at the job's end.
+        asked = []
         for slot in self._slots:
             if slot.process is not None and slot.process.poll() is None and slot.task is None:
                 try:
                     slot.conn.send(None)
-                    slot.process.wait(timeout=DEFAULT_EXIT_GRACE_S)
-                except (OSError, ValueError, subprocess.TimeoutExpired):
+                    asked.append(slot.process)
+                except (OSError, ValueError):
                     pass
+        deadline = time.perf_counter() + DEFAULT_EXIT_GRACE_S
+        for process in asked:
+            try:
+                process.wait(timeout=max(0.0, deadline - time.perf_counter()))
+            except subprocess.TimeoutExpired:
+                pass  # killed below
+        for slot in self._slots:
             if slot.task is not None:
                 self._abandon(slot.task.future)
                 slot.task = None
