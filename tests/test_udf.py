@@ -104,6 +104,19 @@ class PidTagger:
         return df.with_columns(pl.lit(self.pid, dtype=pl.Int64).alias("pid"))
 
 
+class ClosingTagger(PidTagger):
+    """Stateful UDF with cleanup: a finalizer and an atexit handler, each leaving a file."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import atexit
+
+        atexit.register(_attempt, f"atexit-{os.getpid()}")
+
+    def __del__(self) -> None:
+        _attempt(f"del-{self.pid}")
+
+
 @pytest.fixture
 def scratch(tmp_path: Path, monkeypatch) -> Path:
     d = tmp_path / "scratch"
@@ -157,6 +170,17 @@ def test_stateful_udf_initialises_once_per_worker(tmp_path, scratch):
     assert set(out["pid"].unique()) == set(inits)
     assert all(count == 1 for count in inits.values()), inits
     assert os.getpid() not in inits and 1 <= len(inits) <= 2
+
+
+def test_a_stateful_udfs_finalizer_and_atexit_handlers_run_when_its_workers_exit(tmp_path, scratch):
+    # Workers skip the interpreter's module teardown when they finish, not the user's cleanup.
+    schema = {"id": "int64", "amount": "float64", "type": "str", "pid": "int64"}
+    report, out = run(pipeline().map_batches(ClosingTagger, workers=2, schema=schema), tmp_path / "o.parquet")
+    assert_accounting(report)
+    pids = {int(p.name.split("-")[1]) for p in scratch.glob("init-*")}
+    assert pids and set(out["pid"].unique()) == pids and os.getpid() not in pids
+    assert {int(p.name.split("-")[1]) for p in scratch.glob("del-*")} == pids
+    assert {int(p.name.split("-")[1]) for p in scratch.glob("atexit-*")} == pids
 
 
 def test_threads_respect_the_concurrency_limit(tmp_path):

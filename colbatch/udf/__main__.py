@@ -3,7 +3,8 @@
 import sys
 from multiprocessing.connection import Connection
 
-from colbatch.udf.worker import process_main
+from colbatch.udf.worker import exit_quietly, process_main
 
 if __name__ == "__main__":
     process_main(Connection(int(sys.argv[1])))
+    exit_quietly()
