@@ -104,6 +104,14 @@ class PidTagger:
         return df.with_columns(pl.lit(self.pid, dtype=pl.Int64).alias("pid"))
 
 
+def _flush_on_close(closing: threading.Event, pid: int) -> None:
+    # A non-daemon thread, which the interpreter waits for at exit: it works on after `__del__`.
+    closing.wait()
+    for _ in range(2_000):
+        _attempt(f"flushing-{pid}")
+    _attempt(f"flushed-{pid}")
+
+
 class ClosingTagger(PidTagger):
     """Stateful UDF with cleanup: a finalizer and an atexit handler, each leaving a file."""
 
@@ -112,9 +120,13 @@ class ClosingTagger(PidTagger):
         import atexit
 
         atexit.register(_attempt, f"atexit-{os.getpid()}")
+        self._closing = threading.Event()
+        threading.Thread(target=_flush_on_close, args=(self._closing, self.pid), daemon=False).start()
 
     def __del__(self) -> None:
         _attempt(f"del-{self.pid}")
+        self._closing.set()
+
 
 
 @pytest.fixture
@@ -172,7 +184,7 @@ def test_stateful_udf_initialises_once_per_worker(tmp_path, scratch):
     assert os.getpid() not in inits and 1 <= len(inits) <= 2
 
 
-def test_a_stateful_udfs_finalizer_and_atexit_handlers_run_when_its_workers_exit(tmp_path, scratch):
+def test_a_stateful_udfs_finalizer_threads_and_atexit_handlers_run_when_its_workers_exit(tmp_path, scratch):
     # Workers skip the interpreter's module teardown when they finish, not the user's cleanup.
     schema = {"id": "int64", "amount": "float64", "type": "str", "pid": "int64"}
     report, out = run(pipeline().map_batches(ClosingTagger, workers=2, schema=schema), tmp_path / "o.parquet")
@@ -181,6 +193,8 @@ def test_a_stateful_udfs_finalizer_and_atexit_handlers_run_when_its_workers_exit
     assert pids and set(out["pid"].unique()) == pids and os.getpid() not in pids
     assert {int(p.name.split("-")[1]) for p in scratch.glob("del-*")} == pids
     assert {int(p.name.split("-")[1]) for p in scratch.glob("atexit-*")} == pids
+    assert {int(p.name.split("-")[1]) for p in scratch.glob("flushed-*")} == pids
+    assert all((scratch / f"flushing-{pid}").stat().st_size == 2_000 for pid in pids)
 
 
 def test_threads_respect_the_concurrency_limit(tmp_path):

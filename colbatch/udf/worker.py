@@ -130,13 +130,18 @@ def process_main(conn: Connection) -> None:
 def exit_quietly() -> NoReturn:
     """End a worker that finished cleanly, without the interpreter's teardown.
 
-    Everything a user's code can see still happens: the function object is gone by now (a
-    stateful UDF's `__del__` ran when `process_main` returned), the garbage collector runs, then
-    atexit handlers, and output is flushed. What is skipped is clearing every module and joining
-    Polars' and pyarrow's thread pools, ~0.1 s per worker at the end of every job, while the
-    driver waits for its workers to exit (as multiprocessing's own workers end with `os._exit`).
+    Everything a user's code can see still happens, in the interpreter's order: the function
+    object is gone by now (a stateful UDF's `__del__` ran when `process_main` returned), the
+    garbage collector runs, threads the UDF started and did not mark daemon are waited for, then
+    atexit handlers run and output is flushed. What is skipped is clearing every module and
+    joining Polars' and pyarrow's native thread pools, ~0.1 s per worker at the end of every job,
+    while the driver waits for its workers to exit (multiprocessing's workers end with `os._exit`
+    too).
     """
     gc.collect()
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
