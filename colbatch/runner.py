@@ -371,11 +371,15 @@ class Runner:
         progress = _progress(self._total_bytes, o.progress)
         # Data already in memory is sliced in the transform thread: a read thread would add a
         # hand-off per batch and overlap nothing.
-        fused = self.source.in_memory
-        threads = [threading.Thread(target=self._transform, args=(None if fused else read_q, write_q),
-                                    name="colbatch-transform", daemon=True)]
-        if not fused:
-            threads.insert(0, threading.Thread(target=self._read, args=(read_q,), name="colbatch-read", daemon=True))
+        if self.source.in_memory:
+            threads = [threading.Thread(target=self._transform, args=(None, write_q), name="colbatch-transform",
+                                        daemon=True)]
+        else:
+            threads = [
+                threading.Thread(target=self._read, args=(read_q,), name="colbatch-read", daemon=True),
+                threading.Thread(target=self._transform, args=(read_q, write_q), name="colbatch-transform",
+                                 daemon=True),
+            ]
         committed = False
         try:
             if self.job is not None:

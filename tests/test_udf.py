@@ -113,7 +113,7 @@ def _flush_on_close(closing: threading.Event, pid: int) -> None:
 
 
 class ClosingTagger(PidTagger):
-    """Stateful UDF with cleanup: a finalizer and an atexit handler, each leaving a file."""
+    """Stateful UDF with cleanup: a finalizer, an atexit handler and a non-daemon thread, each leaving a file."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -126,7 +126,6 @@ class ClosingTagger(PidTagger):
     def __del__(self) -> None:
         _attempt(f"del-{self.pid}")
         self._closing.set()
-
 
 
 @pytest.fixture

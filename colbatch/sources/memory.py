@@ -49,10 +49,12 @@ class IterableSource(Source):
         schema: Mapping | pl.Schema | None,
         label: str,
         reiterable: bool,
+        in_memory: bool = False,
     ) -> None:
         self._factory = factory
         self.label = label
         self.reiterable = reiterable
+        self.in_memory = in_memory
         self.notes = ReadNotes()
         self._peeked: list[pl.DataFrame] = []
         self._iterator: Iterator[Any] | None = None
@@ -137,6 +139,4 @@ def arrow_source(data: pa.Table | pa.RecordBatchReader | pa.RecordBatch | pl.Dat
         frame = data
     else:
         raise ConfigError(f"`from_arrow` takes a pyarrow Table, RecordBatch or RecordBatchReader, got `{type(data).__name__}`")
-    source = IterableSource(lambda: [frame], schema=frame.schema, label="arrow table", reiterable=True)
-    source.in_memory = True
-    return source
+    return IterableSource(lambda: [frame], schema=frame.schema, label="arrow table", reiterable=True, in_memory=True)
