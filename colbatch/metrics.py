@@ -47,16 +47,22 @@ class StageMetrics:
 class ByteQueue:
     """FIFO bounded by item count and total bytes; one oversize item is always admitted.
 
+    `small_items` (more than `max_items`) may wait while they total at most `small_bytes`: two
+    10 MB batches are enough to overlap two stages, but two 30 kB batches (API pages, 1,000-row
+    UDF batches) are not, each hand-off then waits for the other thread to wake.
+
     One lock with two conditions (not empty, not full), each woken only by what it waits for, and
     only when a thread waits on it: on the per-batch path of small batches, waking every waiter at
     every put and get showed, and so did `Condition.notify` with nobody waiting (it is Python code).
     """
 
-    def __init__(self, max_items: int, max_bytes: int) -> None:
+    def __init__(self, max_items: int, max_bytes: int, *, small_items: int = 0, small_bytes: int = 0) -> None:
         self._items: collections.deque = collections.deque()
         self._bytes = 0
         self._max_items = max_items
         self._max_bytes = max_bytes
+        self._small_items = max(small_items, max_items)
+        self._small_bytes = min(small_bytes, max_bytes)
         self._lock = threading.Lock()
         self._not_empty = threading.Condition(self._lock)
         self._not_full = threading.Condition(self._lock)
@@ -72,7 +78,7 @@ class ByteQueue:
         """Enqueue; blocks while full. Returns False when `stop` was set while waiting."""
         with self._lock:
             items = self._items
-            while items and (len(items) >= self._max_items or self._bytes + size > self._max_bytes):
+            while items and self._full(len(items), self._bytes + size):
                 if stop.is_set():
                     return False
                 self._putters += 1
@@ -87,6 +93,11 @@ class ByteQueue:
             if self._getters:
                 self._not_empty.notify()
             return True
+
+    def _full(self, items: int, total: int) -> bool:
+        if total > self._max_bytes:
+            return True
+        return items >= (self._small_items if total <= self._small_bytes else self._max_items)
 
     def get(self, stop: threading.Event) -> Any:
         """Dequeue; blocks while empty. Returns None when `stop` was set while waiting."""

@@ -204,6 +204,64 @@ def test_byte_queue_hands_items_over_in_order_between_threads_and_bounds_its_dep
     assert got == list(range(1, 501)) and q.max_depth == 1
 
 
+def test_byte_queue_holds_more_small_items_than_its_depth_and_only_as_many_large_ones():
+    stopped = threading.Event()
+    stopped.set()  # a put that would block returns False at once
+
+    def admitted(q: ByteQueue, size: int) -> int:
+        n = 0
+        while n < 100 and q.put(n, size, stopped):
+            n += 1
+        return n
+
+    assert admitted(ByteQueue(2, 1 << 20, small_items=5, small_bytes=1000), 100) == 5
+    # Past `small_bytes` the plain depth applies again: a 600-byte item and a second one, no third.
+    assert admitted(ByteQueue(2, 1 << 20, small_items=5, small_bytes=1000), 600) == 2
+    assert admitted(ByteQueue(2, 1 << 20), 100) == 2  # no small-item allowance: the depth is strict
+    assert admitted(ByteQueue(2, 250, small_items=5, small_bytes=1000), 100) == 2  # bytes still bound it
+
+
+def test_small_batches_queue_ahead_of_a_slow_sink_unless_the_depth_is_set():
+    frame = make_frame(40_000)
+    ahead = threading.Event()
+
+    def pages():
+        for i in range(40):
+            if i == 30:
+                ahead.set()
+            yield frame.slice(i * 1_000, 1_000)
+
+    waited: list[bool] = []
+
+    def slow_sink(df: pl.DataFrame) -> None:
+        if not waited:  # the first write waits until the source has produced 30 of its 40 batches
+            waited.append(ahead.wait(timeout=30))
+
+    report = cb.from_batches(pages).foreach_batch(slow_sink, retries=0).run(progress=False, batch_size=1_000)
+    assert_accounting(report)
+    assert waited == [True] and report.rows_written == 40_000
+
+    # With `queue_items` set, the queues hold that many: the source cannot get far ahead.
+    produced: list[int] = []
+
+    def counted():
+        for i in range(40):
+            produced.append(i)
+            yield frame.slice(i * 1_000, 1_000)
+
+    leads: list[int] = []
+
+    def record_lead(df: pl.DataFrame) -> None:
+        leads.append(len(produced) - len(leads))
+
+    report = (cb.from_batches(counted).foreach_batch(record_lead, retries=0)
+              .with_options(queue_items=1).run(progress=False, batch_size=1_000))
+    assert_accounting(report)
+    # In flight at a write: one in the sink, one in each of two queues, one in the transform
+    # thread, one being put by the read thread, one just produced by the source.
+    assert max(leads) <= 6
+
+
 def test_byte_queue_releases_a_blocked_put_or_get_when_stopped():
     stop = threading.Event()
     full = ByteQueue(max_items=1, max_bytes=1 << 20)
@@ -233,8 +291,18 @@ def test_in_memory_data_is_read_in_the_transform_thread_and_iterators_in_a_read_
     in_memory = (cb.from_arrow(frame.to_arrow()).filter(pl.col("id") % 3 != 0)
                  .foreach_batch(threads_at_first_batch("table"), retries=0)
                  .run(progress=False, batch_size=1_000))
-    # 20 batches cannot all be read while the writer holds the first: the queues hold a few.
-    iterated = (cb.from_batches(lambda: iter([frame]))
+    readers: set[str] = set()
+
+    def pages():
+        # The iterator itself names the threads it runs in: by the first write, a read thread may
+        # already have read all 20 small batches into the queues and ended. (Its first page is
+        # taken for the schema, in the calling thread.)
+        for i in range(20):
+            if i:
+                readers.add(threading.current_thread().name)
+            yield frame.slice(i * 1_000, 1_000)
+
+    iterated = (cb.from_batches(pages)
                 .foreach_batch(threads_at_first_batch("iterator"), retries=0)
                 .run(progress=False, batch_size=1_000))
     for report in (in_memory, iterated):
@@ -242,7 +310,7 @@ def test_in_memory_data_is_read_in_the_transform_thread_and_iterators_in_a_read_
         assert report.rows_read == 20_000 and report.batches == 20
     assert in_memory.rows_written + in_memory.rows_filtered == 20_000 and in_memory.rows_filtered > 0
     assert "colbatch-transform" in seen["table"] and "colbatch-read" not in seen["table"]
-    assert "colbatch-read" in seen["iterator"]
+    assert readers == {"colbatch-read"}
 
 
 def test_a_udf_failing_on_in_memory_data_stops_the_job_at_its_threshold_and_leaves_no_output(tmp_path):
