@@ -7,6 +7,7 @@ import pyarrow as pa
 import pytest
 
 import colbatch as cb
+from colbatch.sources.memory import slicer
 from tests.conftest import assert_accounting
 
 EXPECTED = pl.DataFrame({"id": [1, 2, 3, 4], "amount": [1.5, 2.5, 3.5, 4.5]})
@@ -89,3 +90,58 @@ def test_unsupported_item_is_config_error():
 def test_from_arrow_rejects_unsupported_type():
     with pytest.raises(cb.ConfigError, match="from_arrow"):
         cb.from_arrow([1, 2, 3])  # type: ignore[arg-type]
+
+
+def _many_types(rows: int) -> pl.DataFrame:
+    ids = list(range(rows))
+    frame = pl.DataFrame({
+        "id": ids,
+        "text": [None if i % 7 == 0 else f"ü{i}" * (i % 5) for i in ids],
+        "amount": [i / 3 for i in ids],
+        "flag": [i % 2 == 0 for i in ids],
+        "tags": [[i, i + 1] if i % 3 else None for i in ids],
+        "point": [{"x": i, "y": str(i)} for i in ids],
+        "nothing": [None] * rows,
+    }).with_columns(
+        kind=pl.col("text").fill_null("none").str.slice(0, 2).cast(pl.Categorical),
+        level=pl.when(pl.col("flag")).then(pl.lit("hi")).otherwise(pl.lit("lo")).cast(pl.Enum(["hi", "lo"])),
+        price=pl.col("amount").cast(pl.Decimal(12, 3)),
+        day=pl.date(2026, 1, 1) + pl.duration(days=pl.col("id")),
+    )
+    # Several chunks per column, as frames built from appended pages are.
+    return pl.concat([frame.slice(0, rows // 3), frame.slice(rows // 3, rows)], rechunk=False)
+
+
+def test_slices_of_a_frame_in_memory_equal_polars_slices_for_every_column_type_and_edge():
+    frame = _many_types(1_000)
+    assert frame.n_chunks("all") and max(frame.n_chunks("all")) > 1
+    cut = slicer(frame)
+    assert cut != frame.slice  # these types take the column-wise cut (frames of objects do not)
+    for offset, length in [(0, 100), (300, 100), (330, 10), (950, 100), (999, 5), (1_000, 10), (5_000, 3), (0, 0)]:
+        got, expected = cut(offset, length), frame.slice(offset, length)
+        assert got.schema == expected.schema
+        assert got.equals(expected), (offset, length)
+    objects = pl.DataFrame({"o": pl.Series([object(), object(), object()], dtype=pl.Object)})
+    assert slicer(objects)(1, 1).height == 1  # whichever way it cuts, a frame of objects slices
+    assert slicer(pl.DataFrame())(0, 5).shape == (0, 0)
+
+
+def test_a_frame_in_memory_of_every_column_type_runs_through_in_batches_unchanged(tmp_path):
+    frame = _many_types(2_500)
+    seen: list[pl.DataFrame] = []
+    report = cb.from_arrow(frame).foreach_batch(seen.append, retries=0).run(progress=False, batch_size=1_000)
+    assert_accounting(report)
+    assert [df.height for df in seen] == [1_000, 1_000, 500]
+    assert pl.concat(seen).equals(frame)
+
+
+def test_without_polars_internal_frame_constructor_frames_in_memory_are_cut_by_dataframe_slice(monkeypatch):
+    import colbatch.sources.memory as memory
+
+    monkeypatch.setattr(memory, "_PyDataFrame", None)  # as on a Polars whose internals moved
+    frame = _many_types(300)
+    assert memory.slicer(frame) == frame.slice
+    seen: list[pl.DataFrame] = []
+    report = cb.from_arrow(frame).foreach_batch(seen.append, retries=0).run(progress=False, batch_size=100)
+    assert_accounting(report)
+    assert pl.concat(seen).equals(frame)
