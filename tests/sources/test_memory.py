@@ -124,6 +124,8 @@ def test_slices_of_a_frame_in_memory_equal_polars_slices_for_every_column_type_a
     objects = pl.DataFrame({"o": pl.Series([object(), object(), object()], dtype=pl.Object)})
     assert slicer(objects)(1, 1).height == 1  # whichever way it cuts, a frame of objects slices
     assert slicer(pl.DataFrame())(0, 5).shape == (0, 0)
+    wide = pl.DataFrame({f"c{i}": [i, i + 1, i + 2] for i in range(40)})
+    assert slicer(wide) == wide.slice  # past 32 columns, cutting column by column costs more than it saves
 
 
 def test_a_frame_in_memory_of_every_column_type_runs_through_in_batches_unchanged(tmp_path):
