@@ -16,6 +16,16 @@ from colbatch.schema import align, parse_schema
 from colbatch.sources.base import ReadNotes, RejectFn, Source
 
 
+# Widest frame `slicer` cuts column by column (see there).
+CUT_MAX_COLUMNS = 32
+try:
+    from polars._plr import PyDataFrame as _PyDataFrame
+except ImportError:  # another Polars layout: plain `DataFrame.slice`
+    _PyDataFrame = None
+# Whether `slicer`'s column-wise cut equals `DataFrame.slice`, by the frame's column types.
+_CUT_MATCHES: dict[tuple, bool] = {}
+
+
 def slicer(frame: pl.DataFrame) -> Callable[[int, int], pl.DataFrame]:
     """`frame.slice`, or the same slices cut column by column, which keeps the GIL.
 
@@ -50,15 +60,6 @@ def slicer(frame: pl.DataFrame) -> Callable[[int, int], pl.DataFrame]:
             _CUT_MATCHES.clear()
         _CUT_MATCHES[key] = ok
     return cut if ok else frame.slice
-
-
-CUT_MAX_COLUMNS = 32
-try:
-    from polars._plr import PyDataFrame as _PyDataFrame
-except ImportError:  # another Polars layout: plain `DataFrame.slice`
-    _PyDataFrame = None
-# Whether `slicer`'s column-wise cut equals `DataFrame.slice`, by the frame's column types.
-_CUT_MATCHES: dict[tuple, bool] = {}
 
 
 def to_frame(item: Any) -> pl.DataFrame:
