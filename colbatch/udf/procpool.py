@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import multiprocessing as mp
 import os
 import socket
@@ -26,6 +27,7 @@ from multiprocessing.connection import Connection, wait
 import polars as pl
 
 from colbatch import procs
+from colbatch.udf import zygote
 from colbatch.udf.transport import Segment, ipc_size, to_arrow, write_ipc
 from colbatch.udf.worker import Failure
 
@@ -34,6 +36,29 @@ DEFAULT_EXIT_GRACE_S = 2.0
 # Extra seconds a new worker gets to start (interpreter, imports, a class UDF's __init__) before its
 # first task's timeout runs: on a loaded machine start-up alone can take longer than a short timeout.
 DEFAULT_START_GRACE_S = 60.0
+
+
+log = logging.getLogger("colbatch")
+
+
+def _fork_worker(data: socket.socket) -> zygote.ForkedWorker | None:
+    """A worker forked from the zygote, or None to start a fresh interpreter instead.
+
+    A zygote that cannot fork (it failed to start or died mid-request) is logged once and not
+    used again in this process: every later worker starts as a fresh interpreter.
+    """
+    global _zygote_failed
+    if _zygote_failed or not zygote.enabled():
+        return None
+    try:
+        return zygote.ZYGOTE.fork(data)
+    except (OSError, RuntimeError) as exc:
+        _zygote_failed = True
+        log.warning("UDF workers start as fresh interpreters from now on: the worker zygote failed (%s)", exc)
+        return None
+
+
+_zygote_failed = False
 
 
 class WorkerLost(Exception):
@@ -74,7 +99,7 @@ class _Task:
 
 @dataclass
 class _Slot:
-    process: subprocess.Popen | None = None
+    process: subprocess.Popen | zygote.ForkedWorker | None = None
     conn: Connection | None = None
     inp: Segment | None = None
     out: Segment | None = None
@@ -218,14 +243,19 @@ class ProcessPool:
         # A plain interpreter on one end of a socket pair, not multiprocessing's spawn: spawn
         # re-runs the user's `__main__` script in every worker; the function travels pickled anyway.
         ours, theirs = socket.socketpair()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         try:
-            proc = subprocess.Popen([sys.executable, "-m", "colbatch.udf", str(theirs.fileno())],
-                                    pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL)
+            proc = _fork_worker(theirs)
+            forked = proc is not None
+            if proc is None:
+                env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+                proc = subprocess.Popen([sys.executable, "-m", "colbatch.udf", str(theirs.fileno())],
+                                        pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL)
         finally:
             theirs.close()
         slot.process, slot.conn, slot.ready = proc, Connection(ours.detach()), False
         procs.forget()  # memory samplers count the new worker from their next sample
+        if forked:
+            zygote.send_context(slot.conn)
         slot.conn.send_bytes(self._blob)
         self.stats.workers_started += 1
 

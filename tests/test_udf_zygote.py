@@ -1,0 +1,149 @@
+"""Worker processes forked from the zygote: fresh per job, with the driver's context as of now, crash-safe."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import textwrap
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+import colbatch as cb
+from colbatch.runner import check_accounting
+from colbatch.udf import zygote
+from tests.conftest import make_frame
+
+pytestmark = pytest.mark.skipif(not zygote.enabled(), reason="the worker zygote needs Linux pidfds")
+
+BATCH = 100  # 1,000 rows in 10 batches
+
+
+def run(p: cb.Pipeline, out: Path, **options) -> tuple[cb.Report, pl.DataFrame]:
+    report = p.sink_parquet(out).run(progress=False, batch_size=BATCH, **options)
+    check_accounting(report)
+    return report, pl.read_parquet(out)
+
+
+def worker_facts(df: pl.DataFrame) -> pl.DataFrame:
+    """Who ran the batch and what it saw; a group-by and sort use Polars' thread pool in the worker."""
+    import numpy as np
+
+    big = pl.DataFrame({"k": np.arange(200_000) % 97, "v": np.arange(200_000)})
+    top = big.group_by("k").agg(pl.col("v").sum()).sort("v")["v"][-1]
+    return df.with_columns(
+        pl.lit(os.getpid(), dtype=pl.Int64).alias("pid"),
+        pl.lit(os.getppid(), dtype=pl.Int64).alias("ppid"),
+        pl.lit(os.environ.get("CB_ZYGOTE_PROBE", ""), dtype=pl.String).alias("probe"),
+        pl.lit(os.getcwd(), dtype=pl.String).alias("cwd"),
+        pl.lit(float(np.random.random()), dtype=pl.Float64).alias("draw"),
+        pl.lit(int(top), dtype=pl.Int64).alias("top"),
+    )
+
+
+FACTS = {"pid": "int64", "ppid": "int64", "probe": "str", "cwd": "str", "draw": "float64", "top": "int64"}
+
+
+def facts(tmp_path: Path, name: str, **kw) -> pl.DataFrame:
+    p = cb.from_arrow(make_frame().to_arrow()).map_batches(worker_facts, workers=kw.pop("workers", 2),
+                                                           executor="processes",
+                                                           schema={**make_frame().schema, **FACTS})
+    _, out = run(p, tmp_path / f"{name}.parquet", **kw)
+    return out
+
+
+def test_workers_are_forked_from_the_zygote_and_run_polars_threads(tmp_path):
+    out = facts(tmp_path, "a")
+    assert zygote.ZYGOTE.pid is not None
+    assert set(out["ppid"].unique()) == {zygote.ZYGOTE.pid}
+    assert os.getpid() not in set(out["pid"])
+    expected = pl.DataFrame({"k": [i % 97 for i in range(200_000)], "v": range(200_000)})
+    assert set(out["top"].unique()) == {expected.group_by("k").agg(pl.col("v").sum())["v"].max()}
+    assert out.height == 1000
+
+
+def test_a_forked_worker_sees_the_drivers_environment_cwd_and_path_of_now(tmp_path, monkeypatch):
+    facts(tmp_path, "warm")  # the zygote runs from here on
+    started = zygote.ZYGOTE.pid
+    module_dir = tmp_path / "late_modules"
+    module_dir.mkdir()
+    (module_dir / "cb_late_udf.py").write_text(textwrap.dedent("""
+        import polars as pl
+
+        def tag(df):
+            return df.with_columns(pl.lit("late", dtype=pl.String).alias("tag"))
+    """))
+    monkeypatch.setenv("CB_ZYGOTE_PROBE", "set-after-the-zygote-started")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(module_dir))
+    out = facts(tmp_path, "b")
+    assert zygote.ZYGOTE.pid == started  # the same zygote: the context travelled with each fork
+    assert set(out["probe"]) == {"set-after-the-zygote-started"}
+    assert set(out["cwd"]) == {str(tmp_path)}
+    import cb_late_udf
+
+    p = cb.from_arrow(make_frame().to_arrow()).map_batches(cb_late_udf.tag, workers=2,
+                                                           schema={**make_frame().schema, "tag": "str"})
+    _, tagged = run(p, tmp_path / "c.parquet")
+    sys.modules.pop("cb_late_udf")
+    assert set(tagged["tag"]) == {"late"}
+
+
+def test_workers_of_different_jobs_draw_different_random_numbers(tmp_path):
+    # Every fork starts from the zygote's state: NumPy's global generator is reseeded in each worker.
+    first, second = facts(tmp_path, "one", workers=1), facts(tmp_path, "two", workers=1)
+    assert first["pid"][0] != second["pid"][0] and {first["ppid"][0], second["ppid"][0]} == {zygote.ZYGOTE.pid}
+    assert first["draw"][0] != second["draw"][0]
+
+
+def test_an_import_time_setting_changed_in_the_driver_restarts_the_zygote(tmp_path, monkeypatch):
+    facts(tmp_path, "warm")
+    before = zygote.ZYGOTE.pid
+    monkeypatch.setenv("POLARS_MAX_THREADS", "1")
+    out = facts(tmp_path, "after")
+    assert zygote.ZYGOTE.pid not in (None, before)
+    assert set(out["ppid"]) == {zygote.ZYGOTE.pid}
+
+
+def test_a_killed_zygote_is_replaced_on_the_next_job(tmp_path):
+    facts(tmp_path, "warm")
+    dead = zygote.ZYGOTE.pid
+    os.kill(dead, signal.SIGKILL)
+    out = facts(tmp_path, "after")
+    assert zygote.ZYGOTE.pid not in (None, dead)
+    assert set(out["ppid"]) == {zygote.ZYGOTE.pid} and out.height == 1000
+
+
+def kill_on_row_500(df: pl.DataFrame) -> pl.DataFrame:
+    if (df["id"] == 500).any():
+        os.kill(os.getpid(), signal.SIGKILL)
+    return df
+
+
+def test_a_forked_worker_killed_mid_batch_reports_its_signal(tmp_path):
+    report, out = run(cb.from_arrow(make_frame().to_arrow()).map_batches(kill_on_row_500, workers=2, retries=1),
+                      tmp_path / "o.parquet", max_error_rate=0.5)
+    assert report.rows_rejected == 100 and out.height == 900
+    assert "exit code -9" in report.rejects["_reason"][0]
+
+
+def shout(df: pl.DataFrame) -> pl.DataFrame:
+    if df.height:  # the schema probe runs on an empty frame in the driver
+        print(f"worker-says-{df['id'][0]}", file=sys.stderr, flush=True)
+    return df
+
+
+def test_a_forked_workers_output_goes_to_the_drivers_stderr_of_now(tmp_path, capfd):
+    facts(tmp_path, "warm")  # the zygote was started before this capture
+    capfd.readouterr()
+    run(cb.from_arrow(make_frame().to_arrow()).map_batches(shout, workers=2), tmp_path / "o.parquet")
+    err = capfd.readouterr().err
+    assert {f"worker-says-{i}" for i in range(1, 1001, BATCH)} <= set(err.split())
+
+
+def test_switched_off_workers_are_fresh_interpreters(tmp_path, monkeypatch):
+    monkeypatch.setenv("COLBATCH_UDF_ZYGOTE", "0")
+    out = facts(tmp_path, "fresh")
+    assert set(out["ppid"]) == {os.getpid()}
