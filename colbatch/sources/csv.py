@@ -395,8 +395,57 @@ def _safe_cut(buf: bytes | bytearray, quote: bytes, *, final: bool = False, end:
 def _blocks(stream: io.RawIOBase, block_bytes: int | Callable[[], int], quote: bytes) -> Iterator[tuple[bytes, bool]]:
     """Blocks of whole records, each with whether it holds a quote character.
 
-    A block grows (huge fields) up to a cap, then is cut at any newline.
     `block_bytes` may be a callable, asked before each block, so the size can change between blocks.
+    A plain file is read block by block straight into the bytes handed to the parser; other
+    streams (decompressed ones) through a reused buffer.
+    """
+    if isinstance(stream, io.FileIO) and stream.seekable():
+        return _file_blocks(stream, block_bytes, quote)
+    return _buffered_blocks(stream, block_bytes, quote)
+
+
+# Bytes read past a plain file's block to find where its last record ends.
+PEEK_BYTES = 64 << 10
+
+
+def _file_blocks(stream: io.FileIO, block_bytes: int | Callable[[], int], quote: bytes) -> Iterator[tuple[bytes, bool]]:
+    """Blocks of a seekable file, each read once into the bytes object that is yielded.
+
+    The end of the record that spans the nominal block end is found first, in a small peek
+    past it, and the block is then read to exactly there: no copy in user space, where the
+    buffered path copies every block out of its buffer (0.18 against 0.07 s of CPU for 425 MB).
+    A block whose end falls inside a quoted field, or a record longer than the peek, hands the
+    rest of the file to the buffered path, which handles both.
+    """
+    pos = stream.tell()
+    while True:
+        size = block_bytes() if callable(block_bytes) else block_bytes
+        stream.seek(pos + size)
+        peek = read_exact(stream, PEEK_BYTES)
+        newline = peek.find(b"\n")
+        stream.seek(pos)
+        if newline < 0 and len(peek) == PEEK_BYTES:
+            yield from _buffered_blocks(stream, block_bytes, quote)
+            return
+        block = read_exact(stream, size + (newline + 1 if newline >= 0 else len(peek)))
+        if not block:
+            return
+        quoted = quote in block
+        if newline < 0:  # the file ends inside the peek: the rest is the last block
+            yield block, quoted
+            return
+        if quoted and _safe_cut(block, quote, quoted=True) != len(block):
+            stream.seek(pos)
+            yield from _buffered_blocks(stream, block_bytes, quote)
+            return
+        pos += len(block)
+        yield block, quoted
+
+
+def _buffered_blocks(stream: io.RawIOBase, block_bytes: int | Callable[[], int], quote: bytes) -> Iterator[tuple[bytes, bool]]:
+    """Blocks of whole records read through one reused buffer.
+
+    A block grows (huge fields) up to a cap, then is cut at any newline.
     The stream is read into one reused buffer behind the previous block's unfinished record, and
     each block is copied out once: reading into fresh bytes, joining the leftover record and
     slicing off the next one copied every block three times (0.36 s of CPU for 425 MB, now 0.12 s).
