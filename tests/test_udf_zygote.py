@@ -147,3 +147,27 @@ def test_switched_off_workers_are_fresh_interpreters(tmp_path, monkeypatch):
     monkeypatch.setenv("COLBATCH_UDF_ZYGOTE", "0")
     out = facts(tmp_path, "fresh")
     assert set(out["ppid"]) == {os.getpid()}
+
+
+def test_a_zygote_that_cannot_start_leaves_workers_as_fresh_interpreters(tmp_path, monkeypatch, caplog):
+    from colbatch.udf import procpool
+
+    broken = zygote._Zygote()
+
+    def start_a_zygote_that_dies(self) -> None:
+        import socket
+        import subprocess
+
+        ours, theirs = socket.socketpair()
+        self._proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+        theirs.close()
+        self._ctrl, self._env = ours, zygote._import_env()
+
+    monkeypatch.setattr(zygote._Zygote, "_start", start_a_zygote_that_dies)
+    monkeypatch.setattr(zygote, "ZYGOTE", broken)
+    monkeypatch.setattr(procpool, "_zygote_failed", False)
+    out = facts(tmp_path, "fallback")
+    assert set(out["ppid"]) == {os.getpid()} and out.height == 1000
+    assert procpool._zygote_failed
+    assert "fresh interpreters" in caplog.text
+    broken.stop()
