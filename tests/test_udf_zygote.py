@@ -171,3 +171,28 @@ def test_a_zygote_that_cannot_start_leaves_workers_as_fresh_interpreters(tmp_pat
     assert procpool._zygote_failed
     assert "fresh interpreters" in caplog.text
     broken.stop()
+
+
+def test_a_forked_driver_gets_its_own_zygote_and_does_not_keep_the_parents_alive(tmp_path):
+    facts(tmp_path, "warm")
+    parent_zygote = zygote.ZYGOTE.pid
+    ctrl_fd = zygote.ZYGOTE._ctrl.fileno()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child reports whether it still holds the parent's control socket
+        try:
+            os.close(read_end)
+            try:
+                os.fstat(ctrl_fd)
+                held = b"held"
+            except OSError:
+                held = b"closed"
+            os.write(write_end, held + (b" none" if zygote.ZYGOTE.pid is None else b" some"))
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    answer = os.read(read_end, 64)
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    assert answer == b"closed none"
+    assert zygote.ZYGOTE.pid == parent_zygote

@@ -189,7 +189,14 @@ class _Zygote:
 
     def _forget_after_fork(self) -> None:
         # A driver forked by the user's code gets a zygote of its own; the parent's stays the parent's.
+        # The child's copy of the control socket is closed, or the parent's zygote would not see
+        # end-of-file when the parent exits while the child lives on.
         self._lock = threading.Lock()
+        if self._ctrl is not None:
+            try:
+                self._ctrl.close()
+            except OSError:
+                pass
         self._proc, self._ctrl, self._env = None, None, {}
 
 
