@@ -131,7 +131,8 @@ def test_a_forked_worker_killed_mid_batch_reports_its_signal(tmp_path):
 
 def shout(df: pl.DataFrame) -> pl.DataFrame:
     if df.height:  # the schema probe runs on an empty frame in the driver
-        print(f"worker-says-{df['id'][0]}", file=sys.stderr, flush=True)
+        # One write per line: two workers' lines must not interleave in the shared stderr.
+        print(f"worker-says-{df['id'][0]}\n", end="", file=sys.stderr, flush=True)
     return df
 
 
