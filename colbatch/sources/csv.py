@@ -425,8 +425,7 @@ def _file_blocks(stream: io.FileIO, block_bytes: int | Callable[[], int], quote:
         newline = peek.find(b"\n")
         stream.seek(pos)
         if newline < 0 and len(peek) == PEEK_BYTES:
-            yield from _buffered_blocks(stream, block_bytes, quote)
-            return
+            break
         block = read_exact(stream, size + (newline + 1 if newline >= 0 else len(peek)))
         if not block:
             return
@@ -436,10 +435,10 @@ def _file_blocks(stream: io.FileIO, block_bytes: int | Callable[[], int], quote:
             return
         if quoted and _safe_cut(block, quote, quoted=True) != len(block):
             stream.seek(pos)
-            yield from _buffered_blocks(stream, block_bytes, quote)
-            return
+            break
         pos += len(block)
         yield block, quoted
+    yield from _buffered_blocks(stream, block_bytes, quote)
 
 
 def _buffered_blocks(stream: io.RawIOBase, block_bytes: int | Callable[[], int], quote: bytes) -> Iterator[tuple[bytes, bool]]:

@@ -14,10 +14,8 @@ import collections
 import itertools
 import logging
 import multiprocessing as mp
-import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import Future
@@ -247,9 +245,7 @@ class ProcessPool:
             proc = _fork_worker(theirs)
             forked = proc is not None
             if proc is None:
-                env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-                proc = subprocess.Popen([sys.executable, "-m", "colbatch.udf", str(theirs.fileno())],
-                                        pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL)
+                proc = zygote.start_interpreter(theirs)
         finally:
             theirs.close()
         slot.process, slot.conn, slot.ready = proc, Connection(ours.detach()), False

@@ -24,8 +24,8 @@ instead. Off Linux (no pidfds), workers are always fresh interpreters.
 from __future__ import annotations
 
 import atexit
+import json
 import os
-import pickle
 import select
 import signal
 import socket
@@ -166,10 +166,8 @@ class _Zygote:
         from colbatch import procs
 
         ours, theirs = socket.socketpair()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         try:
-            self._proc = subprocess.Popen([sys.executable, "-m", "colbatch.udf", "--zygote", str(theirs.fileno())],
-                                          pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL)
+            self._proc = start_interpreter(theirs, "--zygote")
         finally:
             theirs.close()
         self._ctrl, self._env = ours, _import_env()
@@ -205,9 +203,16 @@ atexit.register(ZYGOTE.stop)
 os.register_at_fork(after_in_child=ZYGOTE._forget_after_fork)
 
 
+def start_interpreter(end: socket.socket, *args: str) -> subprocess.Popen:
+    """`python -m colbatch.udf [ARGS] FD` with the driver's environment and `sys.path`, `end` as FD."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    return subprocess.Popen([sys.executable, "-m", "colbatch.udf", *args, str(end.fileno())],
+                            pass_fds=(end.fileno(),), env=env, stdin=subprocess.DEVNULL)
+
+
 def send_context(conn) -> None:
     """Send a forked worker what a fresh interpreter would have inherited from the driver now."""
-    conn.send_bytes(pickle.dumps((os.getcwd(), dict(os.environ), list(sys.path))))
+    conn.send_bytes(json.dumps([os.getcwd(), dict(os.environ), list(sys.path)]).encode())
 
 
 def _import_env() -> dict[str, str]:
@@ -330,7 +335,7 @@ def _child(ctrl: socket.socket, children: dict[int, tuple[int, int]], data: int,
         from colbatch.udf.worker import exit_quietly, process_main
 
         conn = Connection(data)
-        cwd, env, path = pickle.loads(conn.recv_bytes())
+        cwd, env, path = json.loads(conn.recv_bytes())
         os.chdir(cwd)
         os.environ.clear()
         os.environ.update(env)
