@@ -62,18 +62,21 @@ class ForkedWorker:
         self.pid = pid
         self.returncode: int | None = None
         self._status = status_fd
-        self._pidfd = os.pidfd_open(pid)
+        try:
+            self._pidfd: int | None = os.pidfd_open(pid)
+        except ProcessLookupError:  # it ended and the zygote reaped it already: its exit code is on the pipe
+            self._pidfd = None
 
     def poll(self) -> int | None:
         """The exit code once the process ended, else None (never blocks for a live worker)."""
-        if self.returncode is None and _readable(self._pidfd, 0.0):
+        if self.returncode is None and (self._pidfd is None or _readable(self._pidfd, 0.0)):
             self._reap()
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
         """Wait for the process to end; raises `subprocess.TimeoutExpired` after `timeout` seconds."""
         if self.returncode is None:
-            if not _readable(self._pidfd, timeout):
+            if self._pidfd is not None and not _readable(self._pidfd, timeout):
                 raise subprocess.TimeoutExpired(f"colbatch UDF worker {self.pid}", timeout or 0.0)
             self._reap()
         assert self.returncode is not None
@@ -81,7 +84,7 @@ class ForkedWorker:
 
     def kill(self) -> None:
         """SIGKILL the worker (a no-op once it ended)."""
-        if self.returncode is None:
+        if self.returncode is None and self._pidfd is not None:
             try:
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
             except ProcessLookupError:
@@ -92,7 +95,8 @@ class ForkedWorker:
         data = _read_exact(self._status, _CODE.size, _REPLY_TIMEOUT_S)
         self.returncode = _CODE.unpack(data)[0] if data is not None else UNKNOWN_EXIT
         for fd in (self._pidfd, self._status):
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
 
 
 class _Zygote:
