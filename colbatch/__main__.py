@@ -1,8 +1,8 @@
 """`python -m colbatch` entry point."""
 
-import sys
-
 from colbatch.cli import main
+from colbatch.exits import exit_quietly
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Outputs are committed and the report printed by now: skip the interpreter's module teardown.
+    exit_quietly(main())

@@ -7,17 +7,13 @@ worker), so its `__init__` can open a connection or load a model once.
 
 from __future__ import annotations
 
-import atexit
-import gc
-import os
 import signal
-import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 from colbatch.lazy import cloudpickle
 import polars as pl
@@ -125,30 +121,6 @@ def process_main(conn: Connection) -> None:
         del df, out, table
         _forget_stale(segments, keep=(in_name, out_name))
         conn.send(("ok", task_id, written, t2 - t1, (t1 - t0) + (time.perf_counter() - t2)))
-
-
-def exit_quietly() -> NoReturn:
-    """End a worker that finished cleanly, without the interpreter's teardown.
-
-    Everything a user's code can see still happens, in the interpreter's order: the function
-    object is gone by now (a stateful UDF's `__del__` ran when `process_main` returned), the
-    garbage collector runs, threads the UDF started and did not mark daemon are waited for, then
-    atexit handlers run and output is flushed. What is skipped is clearing every module and
-    joining Polars' and pyarrow's native thread pools, ~0.1 s per worker at the end of every job,
-    while the driver waits for its workers to exit (multiprocessing's workers end with `os._exit`
-    too).
-    """
-    gc.collect()
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError, AttributeError):
-            pass
-    os._exit(0)
 
 
 def _forget_stale(segments: dict[str, Any], keep: tuple[str, ...]) -> None:

@@ -336,7 +336,8 @@ def _child(ctrl: socket.socket, children: dict[int, tuple[int, int]], data: int,
             sys.modules["numpy.random"].seed()
         from multiprocessing.connection import Connection
 
-        from colbatch.udf.worker import exit_quietly, process_main
+        from colbatch.exits import exit_quietly
+        from colbatch.udf.worker import process_main
 
         conn = Connection(data)
         cwd, env, path = json.loads(conn.recv_bytes())

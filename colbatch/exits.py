@@ -1,0 +1,34 @@
+"""Ending a process that finished cleanly without the interpreter's teardown."""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import os
+import sys
+import threading
+from typing import NoReturn
+
+
+def exit_quietly(code: int = 0) -> NoReturn:
+    """Exit with `code`, skipping only the part of shutdown nobody can observe.
+
+    Everything a user's code can see still happens, in the interpreter's order:
+    the garbage collector runs, threads not marked daemon are waited for, then
+    atexit handlers run (logging, temporary directories, the worker zygote) and
+    output is flushed. What is skipped is clearing every module and joining
+    Polars', pyarrow's and DuckDB's native thread pools: ~0.1 s at the end of
+    every worker, zygote and `python -m colbatch` run (multiprocessing's workers
+    end with `os._exit` too).
+    """
+    gc.collect()
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+    os._exit(code)
