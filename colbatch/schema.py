@@ -49,6 +49,15 @@ def parse_schema(schema: SchemaLike | None) -> dict[str, pl.DataType] | None:
     return {str(name): parse_dtype(dtype, column=str(name)) for name, dtype in schema.items()}
 
 
+def from_arrow_schema(schema) -> pl.Schema:
+    """The Polars schema of a `pyarrow.Schema`.
+
+    Through an empty table built from no batches: `Schema.empty_table()` and empty
+    arrays make pyarrow import pandas (~0.2 s, on every job that reads Parquet).
+    """
+    return pl.DataFrame(lazy.pyarrow.Table.from_batches([], schema=schema)).schema
+
+
 def dtype_name(dtype: pl.DataType) -> str:
     """Short lower-case name of a dtype for messages (`int64`, `str`)."""
     return str(dtype).lower()

@@ -12,7 +12,7 @@ from colbatch.lazy import pyarrow as pa
 from colbatch.batch import Batch, Split
 from colbatch.errors import ConfigError, SourceError
 from colbatch.rejects import cast_or_reject
-from colbatch.schema import align, parse_schema
+from colbatch.schema import align, from_arrow_schema, parse_schema
 from colbatch.sources.base import ReadNotes, RejectFn, Source
 
 
@@ -178,7 +178,7 @@ class IterableSource(Source):
 def arrow_source(data: pa.Table | pa.RecordBatchReader | pa.RecordBatch | pl.DataFrame) -> IterableSource:
     """Source over an Arrow table, record batch, reader, or a Polars DataFrame."""
     if isinstance(data, pa.RecordBatchReader):
-        schema = pl.DataFrame(data.schema.empty_table()).schema
+        schema = from_arrow_schema(data.schema)
         return IterableSource(lambda: iter(data), schema=schema, label="arrow reader", reiterable=False)
     if isinstance(data, (pa.Table, pa.RecordBatch)):
         frame = pl.DataFrame(data)

@@ -13,7 +13,7 @@ from colbatch.lazy import pyarrow_ipc as ipc
 from colbatch.lazy import pyarrow_parquet as pq
 from colbatch.batch import Batch, Split
 from colbatch.errors import ConfigError
-from colbatch.schema import align, parse_schema
+from colbatch.schema import align, from_arrow_schema, parse_schema
 from colbatch.sources.base import ReadNotes, RejectFn, Source
 from colbatch.sources.files import expand_paths, file_splits, read_failure
 from colbatch.rejects import cast_or_reject
@@ -60,7 +60,7 @@ class _ArrowFileSource(Source):
             arrow_schema = self._arrow_schema(path)
         except (OSError, pa.ArrowException) as exc:
             raise read_failure(path, exc) from exc
-        return dict(pl.DataFrame(arrow_schema.empty_table()).schema)
+        return dict(from_arrow_schema(arrow_schema))
 
     def _arrow_schema(self, path: str) -> pa.Schema:
         raise NotImplementedError

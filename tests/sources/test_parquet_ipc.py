@@ -110,3 +110,20 @@ def test_truncated_ipc_fails_naming_file(tmp_path):
 def test_missing_parquet_file(tmp_path):
     with pytest.raises(cb.SourceError, match="nope.parquet"):
         cb.scan_parquet(tmp_path / "nope.parquet")
+
+
+def test_a_files_column_types_come_through_as_polars_reads_them(tmp_path):
+    import datetime as dt
+    from decimal import Decimal
+
+    df = pl.DataFrame({
+        "i8": pl.Series([1], dtype=pl.Int8), "u64": pl.Series([2], dtype=pl.UInt64), "s": ["a"],
+        "ts": pl.Series([dt.datetime(2026, 1, 1)], dtype=pl.Datetime("ms", "UTC")), "d": [dt.date(2026, 1, 2)],
+        "dec": pl.Series([Decimal("1.25")], dtype=pl.Decimal(10, 2)), "lst": [[1, 2]],
+        "st": [{"a": 1, "b": "x"}], "cat": pl.Series(["k"], dtype=pl.Categorical), "b": [True],
+    })
+    df.write_parquet(tmp_path / "t.parquet")
+    df.write_ipc(tmp_path / "t.arrow")
+    expected = pl.read_parquet(tmp_path / "t.parquet").schema
+    assert cb.scan_parquet(tmp_path / "t.parquet").source.schema == expected
+    assert cb.scan_ipc(tmp_path / "t.arrow").source.schema == pl.read_ipc(tmp_path / "t.arrow").schema
