@@ -161,3 +161,42 @@ def test_compile_package_gives_every_module_bytecode():
     assert compile_package()
     missing = [s for s in sources if not Path(importlib.util.cache_from_source(str(s))).exists()]
     assert not missing and victim.exists()
+
+
+def test_a_run_ends_with_the_atexit_handlers_threads_and_output_of_the_users_modules(tmp_path):
+    # `python -m colbatch` skips the interpreter's module teardown at the end; what user code can
+    # see of a normal exit still happens: its atexit handlers, its non-daemon threads, its output.
+    (tmp_path / "in.csv").write_text("id\n1\n2\n3\n")
+    (tmp_path / "shutdown_udf.py").write_text(
+        "import atexit, sys, threading, time\n"
+        "from pathlib import Path\n"
+        "atexit.register(lambda: Path('atexit.txt').write_text('ran'))\n"
+        "def late():\n"
+        "    time.sleep(0.2)\n"
+        "    Path('thread.txt').write_text('joined')\n"
+        "threading.Thread(target=late).start()\n"
+        "sys.stdout.write('buffered output')\n"
+        "def tag(df):\n"
+        "    return df\n")
+    (tmp_path / "job.toml").write_text('[source]\npath = "in.csv"\n\n[[steps]]\nudf = "shutdown_udf:tag"\n\n'
+                                       '[sink]\npath = "out.parquet"\n')
+    env_path = os.pathsep.join([str(tmp_path), str(REPO)])
+    proc = subprocess.run([sys.executable, "-m", "colbatch", "run", "job.toml", "--no-progress"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": env_path})
+    assert proc.returncode == 0, proc.stderr
+    assert "buffered output" in proc.stdout and "3 written" in proc.stdout
+    assert (tmp_path / "atexit.txt").read_text() == "ran"
+    assert (tmp_path / "thread.txt").read_text() == "joined"
+
+
+def test_reading_parquet_does_not_load_pandas(tmp_path):
+    import polars as pl
+
+    pl.DataFrame({"id": [1, 2]}).write_parquet(tmp_path / "in.parquet")
+    code = ("import sys, colbatch as cb\n"
+            "r = cb.scan_parquet('in.parquet').sink_parquet('out.parquet').run(progress=False)\n"
+            "print(r.rows_written, 'pandas' in sys.modules)\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert proc.stdout.split() == ["2", "False"], proc.stderr
