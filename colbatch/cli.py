@@ -122,6 +122,7 @@ def _fail(exc: BaseException, debug: bool, code: int, prefix: str = "") -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    _prestart_workers(args.job)
     from colbatch.config import load_job
 
     pipeline = load_job(args.job)
@@ -137,6 +138,35 @@ def _run(args: argparse.Namespace) -> int:
         print(f"colbatch: error: {report.error}", file=sys.stderr)
         return EXIT_FAILED if report.error_type != "ConfigError" else EXIT_USAGE
     return EXIT_OK
+
+
+def _prestart_workers(path: str) -> None:
+    """Start the UDF worker zygote now if the job runs a UDF on local worker processes.
+
+    It then loads while this process imports the engine and opens the input,
+    not after the first batches arrive. A job file that does not parse is left
+    to `load_job` to report.
+    """
+    import tomllib
+
+    from colbatch.udf import resolve_executor
+
+    try:
+        with open(path, "rb") as fh:
+            job = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError):
+        return
+    run, steps = job.get("run"), job.get("steps")
+    if (isinstance(run, dict) and "executor" in run) or not isinstance(steps, list):
+        return  # a Dask cluster runs the UDFs (or there are none)
+    for step in steps:
+        if isinstance(step, dict) and "udf" in step:
+            workers = step.get("workers", 1)
+            if isinstance(workers, int) and resolve_executor(step.get("executor", "auto"), workers) == "processes":
+                from colbatch.udf.zygote import prestart
+
+                prestart()
+                return
 
 
 def _tune(args: argparse.Namespace) -> int:

@@ -57,6 +57,9 @@ DEFAULT_RETRY_BACKOFF_S = 1.0
 DEFAULT_RATE_MIN_ROWS = 100
 # DuckDB (aggregate stage) threads: None lets DuckDB use one per core, which is what a batch job wants.
 DEFAULT_DUCKDB_THREADS: int | None = None
+# Inputs smaller than this do not start the UDF worker zygote ahead of the first batch: their UDF
+# stage may well run inline (one batch of at most `MapBatches.inline_rows` rows).
+PRESTART_MIN_BYTES = 4 << 20
 # Where DuckDB spills: None gives each run a private directory under the system temp dir, removed after it.
 DEFAULT_TEMP_DIRECTORY: str | None = None
 
@@ -376,6 +379,7 @@ class Runner:
         self.gc_timer.__enter__()
         t_start = self._t_start = time.perf_counter()
         self._total_bytes = self.sizer.input_bytes = self.source.total_bytes()
+        self._prestart_workers()
         progress = _progress(self._total_bytes, o.progress)
         # Data already in memory is sliced in the transform thread: a read thread would add a
         # hand-off per batch and overlap nothing.
@@ -438,6 +442,16 @@ class Runner:
                 self.timeline.stop()
                 self.gc_timer.__exit__()
                 self._fill(report, t_start, sampler)
+
+    def _prestart_workers(self) -> None:
+        # A UDF on worker processes: their zygote loads while the first batches are read, unless the
+        # input is so small that the stage may run it inline, or in memory (no reading to overlap).
+        small = self._total_bytes is not None and self._total_bytes < PRESTART_MIN_BYTES
+        on_processes = any(isinstance(s, MapBatches) and s.resolved_executor() == "processes" for s in self.steps)
+        if on_processes and not (small or self.source.in_memory):
+            from colbatch.udf.procpool import prestart_zygote
+
+            prestart_zygote()
 
     def _write_loop(self, inp: ByteQueue, progress) -> None:
         stage = self.write_stage

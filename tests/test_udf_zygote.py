@@ -197,3 +197,75 @@ def test_a_forked_driver_gets_its_own_zygote_and_does_not_keep_the_parents_alive
     os.waitpid(pid, 0)
     assert answer == b"closed none"
     assert zygote.ZYGOTE.pid == parent_zygote
+
+
+def _double(df: pl.DataFrame) -> pl.DataFrame:
+    return df.with_columns((pl.col("id") * 2).alias("id2"))
+
+
+def test_a_job_with_a_process_udf_starts_the_zygote_before_its_first_batch(tmp_path):
+    zygote.ZYGOTE.stop()
+    seen: list[int | None] = []
+
+    def pages():
+        for i in range(5):
+            seen.append(zygote.ZYGOTE.pid)  # input of unknown size: the run started the zygote already
+            yield {"id": list(range(i * 100, (i + 1) * 100))}
+
+    p = cb.from_batches(pages, schema={"id": "int64"}).map_batches(
+        _double, workers=2, schema={"id": "int64", "id2": "int64"})
+    _, out = run(p, tmp_path / "pre.parquet")
+    assert seen[0] is not None and set(seen) == {seen[0]}
+    assert out["id2"].to_list() == [2 * i for i in range(500)]
+
+
+@pytest.mark.parametrize("where", ["memory", "file"])
+def test_a_small_input_does_not_start_the_zygote_ahead(tmp_path, where):
+    # One small batch runs inline: the stage never needs a worker, and the run does not start one.
+    zygote.ZYGOTE.stop()
+    if where == "file":
+        make_frame().write_parquet(tmp_path / "in.parquet")
+        p = cb.scan_parquet(tmp_path / "in.parquet")
+    else:
+        p = cb.from_arrow(make_frame().to_arrow())
+    report = (p.map_batches(_double, workers=2, schema={**make_frame().schema, "id2": "int64"})
+              .sink_parquet(tmp_path / "small.parquet").run(progress=False))
+    check_accounting(report)
+    assert report.rows_written == 1000
+    assert zygote.ZYGOTE.pid is None
+
+
+@pytest.mark.parametrize(("step", "run_table", "starts"), [
+    ('udf = "my_udfs:clean"\nworkers = 2', "", True),
+    ('udf = "my_udfs:clean"\nexecutor = "processes"', "", True),
+    ('udf = "my_udfs:clean"\nworkers = 2\nexecutor = "threads"', "", False),
+    ('udf = "my_udfs:clean"', "", False),
+    ('udf = "my_udfs:clean"\nworkers = 2', '[run]\nexecutor = "tcp://127.0.0.1:1"\n', False),
+    ('filter = "x > 0"', "", False),
+])
+def test_the_cli_starts_the_zygote_before_loading_a_job_that_needs_workers(tmp_path, step, run_table, starts):
+    from colbatch.cli import _prestart_workers
+
+    zygote.ZYGOTE.stop()
+    job = tmp_path / "job.toml"
+    job.write_text(f'[source]\npath = "in.csv"\n\n[[steps]]\n{step}\n\n[sink]\npath = "out.parquet"\n{run_table}')
+    _prestart_workers(str(job))
+    assert (zygote.ZYGOTE.pid is not None) is starts
+
+
+def test_the_cli_leaves_an_unreadable_job_file_to_the_loader(tmp_path):
+    from colbatch.cli import _prestart_workers
+
+    zygote.ZYGOTE.stop()
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[steps]\nudf = ")
+    _prestart_workers(str(bad))
+    _prestart_workers(str(tmp_path / "missing.toml"))
+    assert zygote.ZYGOTE.pid is None
+
+
+def test_prestart_is_off_with_the_zygote(monkeypatch):
+    zygote.ZYGOTE.stop()
+    monkeypatch.setenv("COLBATCH_UDF_ZYGOTE", "0")
+    zygote.prestart()
+    assert zygote.ZYGOTE.pid is None

@@ -12,6 +12,13 @@ class StageStopped(Exception):
     """The run was stopped by another stage while a UDF stage waited."""
 
 
+def resolve_executor(executor: Any, workers: int) -> Any:
+    """A step's executor with `"auto"` resolved: processes with several workers, inline with one."""
+    if executor == "auto":
+        return "processes" if workers > 1 else "inline"
+    return executor
+
+
 def __getattr__(name: str) -> Any:
     if name in __all__:
         from colbatch.udf import step

@@ -59,6 +59,12 @@ def _fork_worker(data: socket.socket) -> zygote.ForkedWorker | None:
 _zygote_failed = False
 
 
+def prestart_zygote() -> None:
+    """Start the zygote ahead of a pool's first worker (see `zygote.prestart`), unless it failed before."""
+    if not _zygote_failed:
+        zygote.prestart()
+
+
 class WorkerLost(Exception):
     """A worker process died while running a task (killed, crashed, out of memory)."""
 

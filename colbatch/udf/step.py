@@ -13,6 +13,7 @@ import polars as pl
 from colbatch.errors import ConfigError, UdfError
 from colbatch.schema import parse_dtype
 from colbatch.steps import Step, StepResult
+from colbatch.udf import resolve_executor
 from colbatch.udf.worker import Failure, call, function_name, instantiate
 
 ExecutorName = Literal["auto", "inline", "threads", "processes"]
@@ -77,9 +78,7 @@ class MapBatches(Step):
 
     def resolved_executor(self) -> Any:
         """`"auto"` becomes processes with several workers, inline with one."""
-        if self.executor == "auto":
-            return "processes" if self.workers > 1 else "inline"
-        return self.executor
+        return resolve_executor(self.executor, self.workers)
 
     def in_flight(self) -> int:
         """Most batches submitted and not yet collected (the stage's backpressure)."""
