@@ -150,9 +150,8 @@ def _parse_result(stdout: str) -> dict | None:
 
 
 def _prepare_colbatch(source: str, output: str) -> Job:
+    import colbatch as cb  # before Polars, as `python -m colbatch` does: it sets Polars' allocator up
     import polars as pl
-
-    import colbatch as cb
 
     # `import colbatch` loads the engine's modules on first use (so that UDF workers need not); load
     # them here, with the other imports, as `import polars` loads Polars' before its job is timed.
