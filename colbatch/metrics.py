@@ -31,6 +31,10 @@ class StageMetrics:
     busy_s: float = 0.0
     wait_s: float = 0.0
     blocked_s: float = 0.0
+    # A UDF on colbatch's worker processes: CPU seconds the workers spent in the user's function
+    # and in moving batches (reading and writing Arrow IPC in shared memory); None elsewhere.
+    worker_cpu_s: float | None = None
+    transport_cpu_s: float | None = None
 
     def balanced(self) -> bool:
         """True when the accounting invariant holds for this stage."""
@@ -39,8 +43,11 @@ class StageMetrics:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields, times rounded to microseconds."""
         d = asdict(self)
-        for key in ("busy_s", "wait_s", "blocked_s"):
-            d[key] = round(d[key], 6)
+        for key in ("busy_s", "wait_s", "blocked_s", "worker_cpu_s", "transport_cpu_s"):
+            if d[key] is None:
+                del d[key]
+            else:
+                d[key] = round(d[key], 6)
         return d
 
 

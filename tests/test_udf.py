@@ -431,3 +431,22 @@ def test_transport_round_trips_strings_and_does_not_ship_a_slices_whole_buffer()
     finally:
         seg.release()
 
+
+
+def spin_then_label(df: pl.DataFrame) -> pl.DataFrame:
+    """A UDF that burns a known amount of CPU per batch (about 20 ms) before labelling it."""
+    end = time.thread_time() + 0.02
+    while time.thread_time() < end:
+        pass
+    return add_label(df)
+
+
+def test_a_process_udf_stage_reports_its_workers_cpu_in_the_function_and_in_transport(tmp_path):
+    report, _ = run(pipeline().map_batches(spin_then_label, workers=2, executor="processes"), tmp_path / "o.parquet")
+    udf = report.stages[1].to_dict()
+    assert udf["worker_cpu_s"] >= 0.02 * report.batches  # every batch's spin, counted in the workers
+    assert 0 < udf["transport_cpu_s"] < udf["worker_cpu_s"]
+    # Stages that are not a process pool carry neither field.
+    assert "worker_cpu_s" not in report.stages[0].to_dict() and "transport_cpu_s" not in report.stages[-1].to_dict()
+    inline, _ = run(pipeline().map_batches(spin_then_label, executor="inline"), tmp_path / "i.parquet")
+    assert "worker_cpu_s" not in inline.stages[1].to_dict()

@@ -83,11 +83,15 @@ class PoolBroken(RuntimeError):
 
 @dataclass
 class PoolStats:
-    """Where the pool's time went: the user's function vs moving data, in seconds."""
+    """Where the pool's time went: the user's function vs moving data, in seconds.
+
+    The workers' figures are CPU seconds of their main thread (the function's own
+    threads, if it starts any, are not counted); the driver's is wall time.
+    """
 
     tasks: int = 0
-    fn_s: float = 0.0
-    worker_transport_s: float = 0.0
+    fn_cpu_s: float = 0.0
+    worker_transport_cpu_s: float = 0.0
     driver_transport_s: float = 0.0
     workers_started: int = 0
     workers_lost: int = 0
@@ -303,13 +307,13 @@ class ProcessPool:
             failure: Failure = msg[2]
             task.future.set_result(failure)
             return
-        _, _, nbytes, fn_s, transport_s = msg
+        _, _, nbytes, fn_cpu_s, transport_cpu_s = msg
         t0 = time.perf_counter()
         df = slot.out.read(nbytes)
         self.stats.driver_transport_s += time.perf_counter() - t0
         self.stats.tasks += 1
-        self.stats.fn_s += fn_s
-        self.stats.worker_transport_s += transport_s
+        self.stats.fn_cpu_s += fn_cpu_s
+        self.stats.worker_transport_cpu_s += transport_cpu_s
         task.future.set_result(df)
 
     def _drop_worker(self, slot: _Slot) -> None:

@@ -81,6 +81,10 @@ class UdfStage:
         """Shut the backend down (kills workers still busy with abandoned batches)."""
         if self._backend is not None:
             self._backend.shutdown()
+            stats = getattr(self._backend, "stats", None)
+            if stats is not None and stats.tasks:
+                self.metrics.worker_cpu_s = stats.fn_cpu_s
+                self.metrics.transport_cpu_s = stats.worker_transport_cpu_s
 
     # -- stream -----------------------------------------------------------------------------
 
