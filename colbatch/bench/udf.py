@@ -97,7 +97,12 @@ def run_colbatch(rows: int, *, executor: str, workers: int, frame: pl.DataFrame 
                            schema={"id": "int64", "name": "str", "x": "float64", "score": "int64"})
               .foreach_batch(collect, retries=0)
               .run(progress=False, batch_size=BATCH_ROWS))
-    return totals["rows"], totals["sum"], {"peak_rss_mb": report.peak_rss_bytes / _MB}
+    extra = {"peak_rss_mb": report.peak_rss_bytes / _MB}
+    udf = report.stages[1]
+    if udf.worker_cpu_s:
+        # The workers' own CPU accounting in this run: the IPC reads and writes vs the function.
+        extra["transport_share"] = udf.transport_cpu_s / (udf.transport_cpu_s + udf.worker_cpu_s)
+    return totals["rows"], totals["sum"], extra
 
 
 def run_polars_map_batches(frame: pl.DataFrame) -> tuple[int, int, dict]:
@@ -353,13 +358,16 @@ def main(argv: Sequence[str]) -> int:
     }
     times: dict[str, list[float]] = {k: [] for k in contenders}
     checks: dict[str, tuple[int, int]] = {}
+    shares: list[float] = []
     for _ in range(args.runs):
         for name, fn in contenders.items():
             if name == NEW_ZYGOTE:
                 ZYGOTE.stop()  # outside the timing: this run starts a new one, as a process's first job does
-            elapsed, rows, checksum, _ = _timed(fn)
+            elapsed, rows, checksum, extra = _timed(fn)
             times[name].append(elapsed)
             checks[name] = (rows, checksum)
+            if name == "colbatch 2 workers":
+                shares.append(extra["transport_share"])
     ok = len(set(checks.values())) == 1 and next(iter(checks.values()))[0] == args.rows
     ref = statistics.median(times["colbatch 2 workers"])
     print(f"\nCPU-bound UDF: {args.rows:,} rows in {BATCH_ROWS:,}-row batches, median of {args.runs} run(s)")
@@ -381,6 +389,8 @@ def main(argv: Sequence[str]) -> int:
     share = transport_share()
     print(f"\ntransport of one 64k batch (IPC into shared memory and back): {share['transport_ms']:.2f} ms vs "
           f"UDF {share['udf_ms']:.2f} ms → {share['share']:.1%} of worker time")
+    print(f"in the 2-worker runs, the workers' CPU reading and writing batches: {statistics.median(shares):.1%} "
+          f"of their CPU (median of {len(shares)} runs; the rest is the function)")
     io = io_bench(args.runs, args.http_batches)
     print(f"\nI/O-bound UDF: {args.http_batches} batches, one ~{HTTP_LATENCY_S * 1e3:.0f} ms HTTP call each (127.0.0.1), "
           f"median of {args.runs} run(s)")
