@@ -226,8 +226,11 @@ class Runner:
             self._fail(_Stop() if isinstance(exc, StageStopped) else exc)
         finally:
             for stage in udf_stages:
-                stage.close()
-            out.put(None, 0, self._stop)
+                try:
+                    stage.close()
+                except BaseException as exc:  # the run fails with it; the other stages still close
+                    self._fail(exc)
+            out.put(None, 0, self._stop)  # the writer always gets the end, or it would wait forever
 
     def _inputs(self, inp: ByteQueue | None) -> Iterator[Batch]:
         """The transform thread's input: the read queue, or with no queue the source itself (in memory)."""

@@ -450,3 +450,16 @@ def test_a_process_udf_stage_reports_its_workers_cpu_in_the_function_and_in_tran
     assert "worker_cpu_s" not in report.stages[0].to_dict() and "transport_cpu_s" not in report.stages[-1].to_dict()
     inline, _ = run(pipeline().map_batches(spin_then_label, executor="inline"), tmp_path / "i.parquet")
     assert "worker_cpu_s" not in inline.stages[1].to_dict()
+
+
+def test_a_udf_stage_that_fails_to_close_fails_the_run_instead_of_hanging_it(tmp_path, monkeypatch):
+    from colbatch.udf.stage import UdfStage
+
+    def broken_close(self):
+        raise RuntimeError("closing the UDF stage failed")
+
+    monkeypatch.setattr(UdfStage, "close", broken_close)
+    report = (pipeline().map_batches(add_label, executor="inline").sink_parquet(tmp_path / "o.parquet")
+              .run(progress=False, batch_size=BATCH, raise_on_error=False))
+    assert not report.succeeded and "closing the UDF stage failed" in report.error
+    assert not (tmp_path / "o.parquet").exists()
