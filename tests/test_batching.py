@@ -343,12 +343,12 @@ def test_memory_limit_holds_where_fixed_large_batches_exceed_it(tmp_path):
     from pathlib import Path
 
     path = tmp_path / "in.csv"
-    _big_csv(path, 3_000_000)
+    _big_csv(path, 4_000_000)
     script = tmp_path / "run.py"
     script.write_text(
         "import sys, json, psutil, colbatch as cb\n"
         "base = psutil.Process().memory_info().rss\n"
-        "opts = {'batch_size': 1_000_000}\n"
+        "opts = {'batch_size': 2_000_000}\n"
         "if sys.argv[2] != 'none': opts['memory_limit'] = int(sys.argv[2])\n"
         "r = cb.scan_csv(sys.argv[1]).with_columns('a * 2 AS b').sink_parquet(sys.argv[1] + '.parquet')"
         ".run(progress=False, overwrite=True, **opts)\n"
@@ -367,4 +367,4 @@ def test_memory_limit_holds_where_fixed_large_batches_exceed_it(tmp_path):
     assert unbounded > base + limit, "the workload must need more than the limit with fixed batches"
     base, bounded = run(str(limit))
     assert bounded <= limit + base, (bounded >> 20, base >> 20)
-    print(f'baseline {base >> 20} MiB, fixed 1M rows: peak {unbounded >> 20} MiB, limit 250 MiB: peak {bounded >> 20} MiB')
+    print(f'baseline {base >> 20} MiB, fixed 2M rows: peak {unbounded >> 20} MiB, limit 250 MiB: peak {bounded >> 20} MiB')
