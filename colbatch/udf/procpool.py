@@ -103,21 +103,29 @@ class _Task:
     df: pl.DataFrame
     future: Future
     started: float = 0.0
+    pair: int = 0  # which of its slot's two segment pairs holds the input and will hold the result
+    nbytes: int = 0  # bytes of the input's IPC stream in that pair's input segment
 
 
 @dataclass
 class _Slot:
     process: subprocess.Popen | zygote.ForkedWorker | None = None
     conn: Connection | None = None
-    inp: Segment | None = None
-    out: Segment | None = None
-    task: _Task | None = None
-    pending_grow: bool = field(default=False)
+    # Two pairs of (input, output) segments, used by alternate tasks: the next task's input is
+    # written while the worker runs the current one, and a result is read before its pair is reused.
+    inp: list[Segment | None] = field(default_factory=lambda: [None, None])
+    out: list[Segment | None] = field(default_factory=lambda: [None, None])
+    # The task the worker runs first, then at most one sent ahead of time, in the order sent.
+    tasks: collections.deque[_Task] = field(default_factory=collections.deque)
     ready: bool = False  # the worker said it loaded the function
 
 
 class ProcessPool:
     """Runs `fn(df)` on `workers` processes; `submit` returns a Future of a DataFrame or a failure.
+
+    Each busy worker also holds its next task: it starts that one as soon as it
+    has answered the current one, without waiting for the driver to read the
+    answer and write more input (a few milliseconds per batch otherwise).
 
     A task's future raises `WorkerLost` or `TaskTimeout` when its worker is
     lost, and resolves to a `Failure` when the user's function raised.
@@ -181,14 +189,14 @@ class ProcessPool:
                 self._assign()
                 waitables: list = [self._wake_r]
                 for slot in self._slots:
-                    if slot.task is not None:
+                    if slot.tasks:
                         waitables.append(slot.conn)  # a dead worker's socket reads as EOF
                 for ready in wait(waitables, timeout=self._next_deadline()):
                     if ready is self._wake_r:
                         while self._wake_r.poll():
                             self._wake_r.recv_bytes()
                 for slot in self._slots:
-                    if slot.task is not None:
+                    if slot.tasks:
                         self._service(slot)
         except BaseException as exc:  # ours, not the user's: fail every task instead of leaving it unanswered
             broken = PoolBroken(f"the UDF process pool's dispatcher failed: {type(exc).__name__}: {exc}")
@@ -201,50 +209,63 @@ class ProcessPool:
     def _next_deadline(self) -> float | None:
         if self._timeout is None:
             return None
-        deadlines = [self._deadline(s) for s in self._slots if s.task is not None]
+        deadlines = [self._deadline(s) for s in self._slots if s.tasks]
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - time.perf_counter())
 
     def _deadline(self, slot: _Slot) -> float:
-        assert slot.task is not None and self._timeout is not None
-        return slot.task.started + self._timeout + (0.0 if slot.ready else DEFAULT_START_GRACE_S)
+        # The clock runs for the task the worker is on, the first one sent; the one after it waits.
+        assert slot.tasks and self._timeout is not None
+        return slot.tasks[0].started + self._timeout + (0.0 if slot.ready else DEFAULT_START_GRACE_S)
 
     def _assign(self) -> None:
-        for slot in self._slots:
-            if slot.task is not None:
-                continue
-            with self._lock:
-                if not self._queue:
-                    return
-                task = self._queue.popleft()
-            if not task.future.set_running_or_notify_cancel():
-                continue
-            try:
-                self._start_task(slot, task)
-            except BaseException as exc:  # a failure to start a worker is ours, not the user's
-                slot.task = None
-                task.future.set_exception(exc)
+        # Idle workers first, so that a short queue is spread over the workers, then one task
+        # ahead for each busy worker whose process is alive.
+        for ahead in (False, True):
+            for slot in self._slots:
+                if len(slot.tasks) != ahead or (ahead and (slot.process is None or slot.process.poll() is not None)):
+                    continue
+                with self._lock:
+                    if not self._queue:
+                        return
+                    task = self._queue.popleft()
+                if not task.future.set_running_or_notify_cancel():
+                    continue
+                try:
+                    self._start_task(slot, task)
+                except BaseException as exc:  # a failure to start a worker is ours, not the user's
+                    if task in slot.tasks:
+                        slot.tasks.remove(task)
+                    task.future.set_exception(exc)
 
     def _start_task(self, slot: _Slot, task: _Task) -> None:
-        if slot.process is None or slot.process.poll() is not None:
+        if not slot.tasks and (slot.process is None or slot.process.poll() is not None):
             self._start_worker(slot)
+        task.pair = slot.tasks[0].pair ^ 1 if slot.tasks else 0
         t0 = time.perf_counter()
         table = to_arrow(task.df)
         need = ipc_size(table)
-        if slot.inp is None or need > slot.inp.capacity:
-            if slot.inp is not None:
-                slot.inp.release()
-            slot.inp = Segment(need)
-        nbytes = write_ipc(table, slot.inp.shm.buf)
+        inp = slot.inp[task.pair]
+        if inp is None or need > inp.capacity:
+            if inp is not None:
+                inp.release()
+            inp = slot.inp[task.pair] = Segment(need)
+        task.nbytes = write_ipc(table, inp.shm.buf)
         del table
-        if slot.out is None:
-            slot.out = Segment(slot.inp.capacity)
+        if slot.out[task.pair] is None:
+            slot.out[task.pair] = Segment(inp.capacity)
         self.stats.driver_transport_s += time.perf_counter() - t0
-        task.df = None  # type: ignore[assignment]  # the worker has it now; free driver memory
-        task.started = time.perf_counter()
-        slot.task = task
-        slot.conn.send((task.id, slot.inp.name, nbytes, slot.out.name, slot.out.capacity))
+        task.df = None  # type: ignore[assignment]  # the segment has it now; free driver memory
+        if not slot.tasks:
+            task.started = time.perf_counter()
+        slot.tasks.append(task)
+        self._send_task(slot, task)
+
+    def _send_task(self, slot: _Slot, task: _Task) -> None:
+        out = slot.out[task.pair]
+        assert out is not None
+        slot.conn.send((task.id, slot.inp[task.pair].name, task.nbytes, out.name, out.capacity))
 
     def _start_worker(self, slot: _Slot) -> None:
         self._drop_worker(slot)
@@ -266,8 +287,7 @@ class ProcessPool:
         self.stats.workers_started += 1
 
     def _service(self, slot: _Slot) -> None:
-        task = slot.task
-        assert task is not None
+        task = slot.tasks[0]
         if slot.conn.poll():
             try:
                 msg = slot.conn.recv()
@@ -277,18 +297,27 @@ class ProcessPool:
             if msg is not None:
                 self._answer(slot, task, msg)
                 return
+        # Answers the worker sent before it ended were read first: the task at the head is the one
+        # it was running.
         if slot.process.poll() is not None or slot.conn.closed:
             code = slot.process.wait()
-            self.stats.workers_lost += 1
-            self._drop_worker(slot)
-            slot.task = None
-            task.future.set_exception(WorkerLost(f"worker process died (exit code {code}) while running the batch"))
+            self._lose(slot, WorkerLost(f"worker process died (exit code {code}) while running the batch"))
             return
         if self._timeout is not None and time.perf_counter() > self._deadline(slot):
-            self.stats.workers_lost += 1
-            self._drop_worker(slot)
-            slot.task = None
-            task.future.set_exception(TaskTimeout(f"the batch ran longer than timeout={self._timeout:g}s"))
+            self._lose(slot, TaskTimeout(f"the batch ran longer than timeout={self._timeout:g}s"))
+
+    def _lose(self, slot: _Slot, error: Exception) -> None:
+        """Fail the worker's current task; the task sent ahead goes to a new worker in the same slot."""
+        self.stats.workers_lost += 1
+        self._drop_worker(slot)
+        slot.tasks.popleft().future.set_exception(error)
+        if slot.tasks:
+            try:
+                self._start_worker(slot)
+                slot.tasks[0].started = time.perf_counter()
+                self._send_task(slot, slot.tasks[0])
+            except BaseException as exc:  # ours: the task that never ran fails with it
+                slot.tasks.popleft().future.set_exception(exc)
 
     def _answer(self, slot: _Slot, task: _Task, msg: tuple) -> None:
         kind = msg[0]
@@ -298,18 +327,22 @@ class ProcessPool:
             task.started = time.perf_counter()
             return
         if kind == "grow":
-            slot.out.release()
-            slot.out = Segment(msg[2])
-            slot.conn.send((slot.out.name, slot.out.capacity))
+            old = slot.out[task.pair]
+            if old is not None:
+                old.release()
+            out = slot.out[task.pair] = Segment(msg[2])
+            slot.conn.send(("segment", out.name, out.capacity))
             return
-        slot.task = None
+        slot.tasks.popleft()
+        if slot.tasks:
+            slot.tasks[0].started = time.perf_counter()  # the worker went on to the task sent ahead
         if kind == "error":
             failure: Failure = msg[2]
             task.future.set_result(failure)
             return
         _, _, nbytes, fn_cpu_s, transport_cpu_s = msg
         t0 = time.perf_counter()
-        df = slot.out.read(nbytes)
+        df = slot.out[task.pair].read(nbytes)
         self.stats.driver_transport_s += time.perf_counter() - t0
         self.stats.tasks += 1
         self.stats.fn_cpu_s += fn_cpu_s
@@ -331,7 +364,7 @@ class ProcessPool:
         # with Polars loaded takes ~0.1 s to finish), not one after the other at the job's end.
         asked = []
         for slot in self._slots:
-            if slot.process is not None and slot.process.poll() is None and slot.task is None:
+            if slot.process is not None and slot.process.poll() is None and not slot.tasks:
                 try:
                     slot.conn.send(None)
                     asked.append(slot.process)
@@ -344,14 +377,13 @@ class ProcessPool:
             except subprocess.TimeoutExpired:
                 pass  # killed below
         for slot in self._slots:
-            if slot.task is not None:
-                self._abandon(slot.task.future)
-                slot.task = None
+            while slot.tasks:
+                self._abandon(slot.tasks.popleft().future)
             self._drop_worker(slot)
-            for seg in (slot.inp, slot.out):
+            for seg in (*slot.inp, *slot.out):
                 if seg is not None:
                     seg.release()
-            slot.inp = slot.out = None
+            slot.inp, slot.out = [None, None], [None, None]
         with self._lock:
             queued, self._queue = list(self._queue), collections.deque()
         for task in queued:

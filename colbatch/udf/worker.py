@@ -7,6 +7,7 @@ worker), so its `__init__` can open a connection or load a model once.
 
 from __future__ import annotations
 
+import collections
 import signal
 import threading
 import time
@@ -79,9 +80,11 @@ def process_main(conn: Connection) -> None:
     """Loop of a pool worker process: receive a task naming two segments, answer with a small message.
 
     The first message is the pickled function. Then messages in: `(task_id, in_name, in_bytes, out_name, out_capacity)`, a new
-    output segment `(out_name, out_capacity)` after a "grow" answer, or None to
+    output segment `("segment", out_name, out_capacity)` after a "grow" answer, or None to
     exit. Answers: `("ok", task_id, out_bytes, fn_cpu_s, transport_cpu_s)`,
-    `("error", task_id, Failure)`, `("grow", task_id, bytes_needed)`.
+    `("error", task_id, Failure)`, `("grow", task_id, bytes_needed)`. The driver
+    sends a busy worker its next task ahead of time, so a task can arrive while
+    the worker waits for a new segment: it is kept and run next.
     """
     from colbatch.udf.transport import attach, ipc_size, read_ipc, to_arrow, write_ipc
 
@@ -96,11 +99,17 @@ def process_main(conn: Connection) -> None:
             segments[name] = attach(name)
         return segments[name]
 
+    waiting: collections.deque = collections.deque()  # tasks that arrived while a segment was awaited
+    recent: collections.deque = collections.deque(maxlen=2)  # the segments of the last two tasks
+
     while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return
+        if waiting:
+            msg = waiting.popleft()
+        else:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                return
         if msg is None:
             return
         task_id, in_name, in_bytes, out_name, out_capacity = msg
@@ -118,10 +127,14 @@ def process_main(conn: Connection) -> None:
         need = ipc_size(table)
         if need > out_capacity:
             conn.send(("grow", task_id, need))
-            out_name, out_capacity = conn.recv()
+            while (reply := conn.recv())[0] != "segment":
+                waiting.append(reply)
+            _, out_name, out_capacity = reply
         written = write_ipc(table, segment(out_name).buf)
         del df, out, table
-        _forget_stale(segments, keep=(in_name, out_name))
+        # Tasks alternate between two pairs of segments: the last two tasks' are the live ones.
+        recent.append((in_name, out_name))
+        _forget_stale(segments, keep=tuple(name for pair in recent for name in pair))
         conn.send(("ok", task_id, written, t2 - t1, (t1 - t0) + (time.thread_time() - t2)))
 
 
