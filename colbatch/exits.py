@@ -30,5 +30,5 @@ def exit_quietly(code: int = 0) -> NoReturn:
         try:
             stream.flush()
         except (OSError, ValueError, AttributeError):
-            pass
+            pass  # a closed or broken stdout/stderr: nothing left to show there, and no data rides on it
     os._exit(code)

@@ -119,6 +119,10 @@ class _Slot:
     tasks: collections.deque[_Task] = field(default_factory=collections.deque)
     ready: bool = False  # the worker said it loaded the function
 
+    def alive(self) -> bool:
+        """Whether the slot has a worker process that has not ended."""
+        return self.process is not None and self.process.poll() is None
+
 
 class ProcessPool:
     """Runs `fn(df)` on `workers` processes; `submit` returns a Future of a DataFrame or a failure.
@@ -176,7 +180,7 @@ class ProcessPool:
     @property
     def live_workers(self) -> list[int]:
         """Process ids of the workers alive now."""
-        return [s.process.pid for s in self._slots if s.process is not None and s.process.poll() is None]
+        return [s.process.pid for s in self._slots if s.alive()]
 
     # -- dispatcher -------------------------------------------------------------------------
 
@@ -222,9 +226,9 @@ class ProcessPool:
     def _assign(self) -> None:
         # Idle workers first, so that a short queue is spread over the workers, then one task
         # ahead for each busy worker whose process is alive.
-        for ahead in (False, True):
+        for held in (0, 1):
             for slot in self._slots:
-                if len(slot.tasks) != ahead or (ahead and (slot.process is None or slot.process.poll() is not None)):
+                if len(slot.tasks) != held or (held and not slot.alive()):
                     continue
                 with self._lock:
                     if not self._queue:
@@ -240,7 +244,7 @@ class ProcessPool:
                     task.future.set_exception(exc)
 
     def _start_task(self, slot: _Slot, task: _Task) -> None:
-        if not slot.tasks and (slot.process is None or slot.process.poll() is not None):
+        if not slot.tasks and not slot.alive():
             self._start_worker(slot)
         task.pair = slot.tasks[0].pair ^ 1 if slot.tasks else 0
         t0 = time.perf_counter()
@@ -364,7 +368,7 @@ class ProcessPool:
         # with Polars loaded takes ~0.1 s to finish), not one after the other at the job's end.
         asked = []
         for slot in self._slots:
-            if slot.process is not None and slot.process.poll() is None and not slot.tasks:
+            if slot.alive() and not slot.tasks:
                 try:
                     slot.conn.send(None)
                     asked.append(slot.process)

@@ -118,9 +118,7 @@ class _Zygote:
         """
         for attempt in (1, 2):
             with self._lock:
-                if self._stale():
-                    self._stop()
-                    self._start()
+                self._ensure()
                 status_r = self._request(data)
             reply = _read_exact(status_r, _CODE.size, _REPLY_TIMEOUT_S)
             if reply is not None:
@@ -148,12 +146,10 @@ class _Zygote:
     def prestart(self) -> None:
         """Start the zygote now unless it runs; returns at once, while it loads in the background."""
         with self._lock:
-            if self._stale():
-                self._stop()
-                try:
-                    self._start()
-                except OSError as exc:  # the first fork tries again and reports it
-                    log.debug("the UDF worker zygote did not start ahead of its first worker: %s", exc)
+            try:
+                self._ensure()
+            except OSError as exc:  # the first fork tries again and reports it
+                log.debug("the UDF worker zygote did not start ahead of its first worker: %s", exc)
 
     def _died(self) -> bool:
         """Whether the zygote has ended (waits for it briefly: it closed our pipe, so it is exiting)."""
@@ -175,6 +171,12 @@ class _Zygote:
         """End the zygote (workers it forked run on until their pools end them)."""
         with self._lock:
             self._stop()
+
+    def _ensure(self) -> None:
+        """A running zygote started with today's import-time environment (the caller holds the lock)."""
+        if self._stale():
+            self._stop()
+            self._start()
 
     def _stale(self) -> bool:
         return self._proc is None or self._proc.poll() is not None or _import_env() != self._env
