@@ -22,9 +22,16 @@ def exit_quietly(code: int = 0) -> NoReturn:
     end with `os._exit` too).
     """
     gc.collect()
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    # As the interpreter does: the threading module's own exit hooks first (they stop idle
+    # `concurrent.futures` pools, whose threads would otherwise wait forever), then a join of
+    # every thread not marked daemon.
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None and threading.current_thread() is threading.main_thread():
+        shutdown()
+    else:
+        for thread in threading.enumerate():
+            if thread is not threading.current_thread() and not thread.daemon:
+                thread.join()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -165,7 +165,8 @@ def test_compile_package_gives_every_module_bytecode():
 
 def test_a_run_ends_with_the_atexit_handlers_threads_and_output_of_the_users_modules(tmp_path):
     # `python -m colbatch` skips the interpreter's module teardown at the end; what user code can
-    # see of a normal exit still happens: its atexit handlers, its non-daemon threads, its output.
+    # see of a normal exit still happens: its atexit handlers, its non-daemon threads, its output;
+    # idle thread pools end as the interpreter ends them.
     (tmp_path / "in.csv").write_text("id\n1\n2\n3\n")
     (tmp_path / "shutdown_udf.py").write_text(
         "import atexit, sys, threading, time\n"
@@ -175,6 +176,9 @@ def test_a_run_ends_with_the_atexit_handlers_threads_and_output_of_the_users_mod
         "    time.sleep(0.2)\n"
         "    Path('thread.txt').write_text('joined')\n"
         "threading.Thread(target=late).start()\n"
+        "import concurrent.futures\n"
+        "idle_pool = concurrent.futures.ThreadPoolExecutor(1)  # never shut down: exit must not wait on it\n"
+        "idle_pool.submit(int).result()\n"
         "sys.stdout.write('buffered output')\n"
         "def tag(df):\n"
         "    return df\n")
