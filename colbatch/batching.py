@@ -43,9 +43,10 @@ DEFAULT_WINDOW = 3
 DEFAULT_SETTLE_BATCHES = 2
 # RSS above 80% of the limit is pressure: the remaining 20% absorbs one batch's transient copies.
 DEFAULT_HIGH_WATER = 0.8
-# Batches alive at once: one being read, two per queue (x2 queues), one in a step, one in the sink,
-# each with about one transient copy; the memory budget is divided among them.
-DEFAULT_BATCHES_IN_MEMORY = 12
+# Batches alive at once: two being read (a CSV source parses one ahead), two per queue (x2 queues),
+# one in a step, one in the sink, most with about one transient copy; the memory budget is divided
+# among them.
+DEFAULT_BATCHES_IN_MEMORY = 13
 # Shrinking is pointless when the batches hold under a quarter of the memory above the baseline.
 DEFAULT_BATCH_SHARE = 0.25
 # Without `memory_limit` a run may use half of the memory available at start.
@@ -94,6 +95,10 @@ class BatchSizer:
         >>> sizer.note_bytes(rows, 8 << 20)    # the reader reports its size in memory
         >>> sizer.observe(rows, 0.1)          # the writer reports a finished batch
     """
+
+    # A reader may ask for the next sizes before the batches it already read are taken (a CSV
+    # source parses blocks ahead). A sizer whose sizes depend on that order (the tuner's plan) says no.
+    read_ahead = True
 
     def __init__(self, start_rows: int = DEFAULT_START_ROWS, *, memory_limit: int | None = None,
                  adaptive: bool = True, rss: RssFn = process_rss, min_rows: int = DEFAULT_MIN_ROWS,

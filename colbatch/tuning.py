@@ -86,6 +86,10 @@ class _Plan(BatchSizer):
     more, up to `repeats` per size, while they fit.
     """
 
+    # Each size is asked for when its batch is read, after the earlier ones were noted (the layout
+    # waits for the first batch's size; a drained segment for the sink).
+    read_ahead = False
+
     def __init__(self, sizes: Sequence[int], repeats: int, *, share: float | None, sample_rows: int | None,
                  memory_limit: int | None, per_segment: int = 1, drain: bool = True) -> None:
         super().__init__(sizes[0], memory_limit=memory_limit, adaptive=False, min_rows=1, max_rows=max(sizes))
