@@ -274,15 +274,15 @@ class CsvSource(Source):
     def _finish(self, item, split: Split, names, types, path: str, line: int, row: int, on_reject: RejectFn):
         """The batch of one block parsed ahead (or by the slow path now), and the next line and row."""
         block, quoted, future = item
-        df = future.result()
-        if df is None:
-            df, rejected, line_fn = self._parse_slow(block, names, types, path, line, on_reject)
-        else:
-            rejected, line_fn = 0, _line_fn(block, line, self._quote_b) if quoted else None
+        df, rejected, line_fn = self._settle(future.result(), block, names, types, path, line, on_reject, quoted)
         consumed = df.height + rejected
-        batch = Batch(align(df, self._schema), split, first_row=row, rows_read=consumed, first_line=line,
-                      bytes_read=len(block), line_fn=line_fn)
+        batch = self._batch(df, split, row, consumed, line, block, line_fn)
         return batch, line + self._lines_in(block, consumed, line_fn), row + consumed
+
+    def _batch(self, df: pl.DataFrame, split: Split, row: int, consumed: int, line: int, block: bytes,
+               line_fn) -> Batch:
+        return Batch(align(df, self._schema), split, first_row=row, rows_read=consumed, first_line=line,
+                     bytes_read=len(block), line_fn=line_fn)
 
     def _lines_in(self, block: bytes, consumed: int, line_fn) -> int:
         """Lines a block spans: one per record, unless quoted fields hold newlines."""
@@ -298,8 +298,7 @@ class CsvSource(Source):
                                                 ignore_rejects if skipping else on_reject, quoted=quoted)
             consumed = df.height + rejected
             if not skipping:
-                yield Batch(align(df, self._schema), split, first_row=row, rows_read=consumed,
-                            first_line=line, bytes_read=len(block), line_fn=line_fn)
+                yield self._batch(df, split, row, consumed, line, block, line_fn)
             elif row + consumed > skip_rows:
                 yield self._tail(block, skip_rows - row, split, skip_rows, names, types, path, line, on_reject)
             row += consumed
@@ -326,10 +325,14 @@ class CsvSource(Source):
         """
         if quoted is None:
             quoted = self._quote_b in block
-        df = self._fast(block, names, types, path, quoted)
-        if df is not None:
-            return df, 0, (_line_fn(block, line, self._quote_b) if quoted else None)
-        return self._parse_slow(block, names, types, path, line, on_reject)
+        return self._settle(self._fast(block, names, types, path, quoted), block, names, types, path, line,
+                            on_reject, quoted)
+
+    def _settle(self, df: pl.DataFrame | None, block, names, types, path, line, on_reject, quoted: bool):
+        """`_parse`'s result from the fast path's frame, or from the slow path when it refused the block."""
+        if df is None:
+            return self._parse_slow(block, names, types, path, line, on_reject)
+        return df, 0, (_line_fn(block, line, self._quote_b) if quoted else None)
 
     def _fast(self, block: bytes, names, types, path: str, quoted: bool) -> pl.DataFrame | None:
         """The block parsed by Polars with the target types, or None when any record is not clean.
